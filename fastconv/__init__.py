@@ -1,0 +1,32 @@
+"""fastconv: a small-CNN engine for the CPU with torch.nn.functional's semantics.
+
+`import fastconv as fc` gives the functional operations; `fastconv.nn`, `fastconv.optim`,
+`fastconv.reference` and the other submodules load on first use, so importing stays light.
+"""
+
+import importlib
+
+from .functional import (
+    avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, fold, max_pool2d,
+    max_pool2d_backward, set_workspace_limit, unfold, workspace_limit,
+)
+from .threads import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
+    "avg_pool2d_backward", "unfold", "fold", "set_num_threads", "get_num_threads",
+    "set_workspace_limit", "workspace_limit",
+]
+
+_SUBMODULES = {
+    "reference", "functional", "nn", "optim", "train", "datasets", "preprocess", "io", "onnx",
+    "plots", "serve", "distributed", "cli", "threads", "models", "bench",
+}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastconv' has no attribute {name!r}")

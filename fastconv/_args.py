@@ -1,0 +1,317 @@
+"""Argument checking and output-shape arithmetic shared by `functional` and `reference`.
+
+Everything a kernel trusts is established here: dtypes, ndim, contiguity, and the geometry
+(output sizes, paddings) computed with Python integers, so nothing overflows and nothing
+reaches compiled code unchecked. The rules and messages follow torch.nn.functional.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(name: str, value, dtype: np.dtype | None = None) -> np.ndarray:
+    """C-contiguous float32/float64 array, copied only when it has to be."""
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as err:
+            raise TypeError(f"{name}: expected an array of floats ({err})") from None
+    if array.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {array.dtype}")
+    if dtype is not None and array.dtype != dtype:
+        raise TypeError(
+            f"{name}: dtype {array.dtype} does not match the input's dtype {dtype}; "
+            "convert one of them (mixing float32 and float64 is not allowed)"
+        )
+    return np.ascontiguousarray(array)
+
+
+def batched(name: str, array: np.ndarray, what: str = "(C, H, W)") -> tuple[np.ndarray, bool]:
+    """Accept (N, C, H, W) or unbatched (C, H, W) as torch does; returns (4-D array, unbatched)."""
+    if array.ndim == 3:
+        return array[np.newaxis], True
+    if array.ndim != 4:
+        raise ValueError(
+            f"{name}: expected a 3-D {what} or 4-D (N, {what[1:]} array, got shape {array.shape}"
+        )
+    return array, False
+
+
+def pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum."""
+    values = (value, value) if isinstance(value, Integral) else tuple(value) if _is_seq(value) else None
+    if (
+        values is None
+        or len(values) != 2
+        or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values)
+    ):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+    return int(values[0]), int(values[1])
+
+
+def _is_seq(value) -> bool:
+    return isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+
+
+def check_nonempty(name: str, shape: tuple[int, ...], from_axis: int = 1) -> None:
+    """Batch may be empty (as in torch); channels and spatial sizes may not."""
+    if any(s == 0 for s in shape[from_axis:]):
+        raise ValueError(f"{name}: channel and spatial dimensions must be non-zero, got shape {shape}")
+
+
+def check_fits(name: str, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse, before allocating, an array larger than this machine's memory."""
+    needed = itemsize
+    for s in shape:
+        needed *= int(s)
+    if needed > physical_memory():
+        raise MemoryError(
+            f"{name}: an array of shape {tuple(shape)} needs {needed:,} bytes, more than this "
+            f"machine's {physical_memory():,} bytes of memory"
+        )
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 46
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Sizes of one 2-D sliding-window operation; pads may be asymmetric ('same')."""
+
+    n: int
+    c_in: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad_top: int
+    pad_left: int
+    out_h: int
+    out_w: int
+
+    @property
+    def patch_size(self) -> int:
+        return self.c_in * self.kh * self.kw
+
+    @property
+    def kernel_args(self) -> tuple[int, ...]:
+        """The scalar arguments every im2col-style kernel takes, in its order."""
+        return (self.kh, self.kw, self.stride[0], self.stride[1], self.pad_top, self.pad_left,
+                self.dilation[0], self.dilation[1], self.out_h, self.out_w)
+
+
+def sliding_geometry(name, shape, kernel, stride, padding, dilation) -> ConvGeometry:
+    """Geometry for conv/unfold/fold: padding is an int pair or (top, bottom, left, right)."""
+    n, c, h, w = shape
+    kh, kw = kernel
+    if len(padding) == 2:
+        padding = (padding[0], padding[0], padding[1], padding[1])
+    top, bottom, left, right = padding
+    eff_h = dilation[0] * (kh - 1) + 1
+    eff_w = dilation[1] * (kw - 1) + 1
+    padded_h, padded_w = h + top + bottom, w + left + right
+    if eff_h > padded_h or eff_w > padded_w:
+        raise ValueError(
+            f"{name}: calculated padded input size per channel: ({padded_h} x {padded_w}); "
+            f"kernel size (dilated): ({eff_h} x {eff_w}). Kernel size can't be greater than "
+            "the padded input size"
+        )
+    out_h = (padded_h - eff_h) // stride[0] + 1
+    out_w = (padded_w - eff_w) // stride[1] + 1
+    return ConvGeometry(n, c, h, w, kh, kw, stride, dilation, top, left, out_h, out_w)
+
+
+def conv_padding(padding, kernel, stride, dilation) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) from an int, a pair, 'valid' or 'same' (torch's rules)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding: 'same' is not supported for strided convolutions")
+            # torch puts the odd extra row/column at the bottom/right.
+            total_h = dilation[0] * (kernel[0] - 1)
+            total_w = dilation[1] * (kernel[1] - 1)
+            return (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+        raise ValueError(f"padding: expected 'valid', 'same', an int or a pair, got {padding!r}")
+    ph, pw = pair("padding", padding, 0)
+    return (ph, ph, pw, pw)
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    x: np.ndarray  # 4-D, contiguous
+    weight: np.ndarray
+    geometry: ConvGeometry
+    groups: int
+    unbatched: bool
+
+
+def conv_args(x, weight, stride, padding, dilation, groups) -> ConvArgs:
+    """Validate conv2d's arguments the way torch.nn.functional.conv2d does."""
+    x = float_array("x", x)
+    weight = float_array("weight", weight, x.dtype)
+    x4, unbatched = batched("x", x)
+    if weight.ndim != 4:
+        raise ValueError(
+            f"weight: expected a 4-D array (C_out, C_in / groups, kH, kW), got shape {weight.shape}"
+        )
+    if not isinstance(groups, Integral) or isinstance(groups, bool):
+        raise TypeError(f"groups: expected an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups: must be >= 1, got {groups}")
+    c_out, c_per_group, kh, kw = weight.shape
+    check_nonempty("weight", weight.shape, 0)
+    check_nonempty("x", x4.shape)
+    if c_out % groups:
+        raise ValueError(f"groups: C_out = {c_out} (weight {weight.shape}) is not divisible by groups={groups}")
+    if x4.shape[1] != c_per_group * groups:
+        raise ValueError(
+            f"x: expected {c_per_group * groups} input channels (weight {weight.shape}, "
+            f"groups={groups}), got x of shape {x.shape}"
+        )
+    stride = pair("stride", stride, 1)
+    dilation = pair("dilation", dilation, 1)
+    pads = conv_padding(padding, (kh, kw), stride, dilation)
+    geometry = sliding_geometry("x", x4.shape, (kh, kw), stride, pads, dilation)
+    check_fits("output", (x4.shape[0], c_out, geometry.out_h, geometry.out_w), x.itemsize)
+    return ConvArgs(x4, weight, geometry, int(groups), unbatched)
+
+
+def bias_array(bias, weight: np.ndarray) -> np.ndarray | None:
+    if bias is None:
+        return None
+    bias = float_array("bias", bias, weight.dtype)
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},) for weight {weight.shape}, got {bias.shape}")
+    return bias
+
+
+def grad_output_array(grad_output, expected_shape: tuple[int, ...], dtype, unbatched: bool) -> np.ndarray:
+    """grad_output must have exactly the forward output's shape (batched as the input was)."""
+    grad = float_array("grad_output", grad_output, dtype)
+    shown = expected_shape[1:] if unbatched else expected_shape
+    if grad.shape != tuple(shown):
+        raise ValueError(f"grad_output: expected shape {tuple(shown)} (the forward output), got {grad.shape}")
+    return grad[np.newaxis] if unbatched else grad
+
+
+@dataclass(frozen=True)
+class PoolArgs:
+    x: np.ndarray
+    geometry: ConvGeometry
+    ceil_mode: bool
+    unbatched: bool
+
+
+def pool_args(x, kernel_size, stride, padding, dilation, ceil_mode) -> PoolArgs:
+    """Validate pooling arguments as torch's pool2d_shape_check does."""
+    x = float_array("x", x)
+    x4, unbatched = batched("x", x)
+    check_nonempty("x", x4.shape)
+    kernel = pair("kernel_size", kernel_size, 1)
+    stride = kernel if stride is None or (_is_seq(stride) and len(stride) == 0) else pair("stride", stride, 1)
+    pad = pair("padding", padding, 0)
+    dilation = pair("dilation", dilation, 1)
+    if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
+        raise ValueError(
+            f"padding: should be at most half of kernel_size, got padding={pad} for kernel_size={kernel}"
+        )
+    _, _, h, w = x4.shape
+    out = [
+        pool_output_size(size, k, s, p, d, ceil_mode)
+        for size, k, s, p, d in zip((h, w), kernel, stride, pad, dilation)
+    ]
+    if min(out) < 1:
+        raise ValueError(
+            f"x: given input size ({x4.shape[1]}x{h}x{w}), calculated output size "
+            f"({x4.shape[1]}x{out[0]}x{out[1]}) is too small for kernel_size={kernel}, "
+            f"stride={stride}, padding={pad}, dilation={dilation}"
+        )
+    check_fits("output", (x4.shape[0], x4.shape[1], out[0], out[1]), x.itemsize)
+    geometry = ConvGeometry(*x4.shape, *kernel, stride, dilation, pad[0], pad[1], out[0], out[1])
+    return PoolArgs(x4, geometry, bool(ceil_mode), unbatched)
+
+
+def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode) -> int:
+    numerator = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = numerator // stride + 1
+    # torch: the last window must start inside the (left-padded) input.
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def unfold_args(x, kernel_size, dilation, padding, stride) -> tuple[np.ndarray, ConvGeometry, bool]:
+    x = float_array("x", x)
+    x4, unbatched = batched("x", x)
+    check_nonempty("x", x4.shape)
+    geometry = sliding_geometry(
+        "x", x4.shape, pair("kernel_size", kernel_size, 1), pair("stride", stride, 1),
+        pair("padding", padding, 0), pair("dilation", dilation, 1),
+    )
+    check_fits("output", (x4.shape[0], geometry.patch_size, geometry.out_h * geometry.out_w), x.itemsize)
+    return x4, geometry, unbatched
+
+
+def fold_args(cols, output_size, kernel_size, dilation, padding, stride):
+    """Validate fold (col2im): cols (N, C * kH * kW, L) or unbatched (C * kH * kW, L)."""
+    cols = float_array("input", cols)
+    unbatched = cols.ndim == 2
+    if cols.ndim not in (2, 3):
+        raise ValueError(
+            f"input: expected a 2-D (C * kH * kW, L) or 3-D (N, C * kH * kW, L) array, got shape {cols.shape}"
+        )
+    cols3 = cols[np.newaxis] if unbatched else cols
+    kernel = pair("kernel_size", kernel_size, 1)
+    out_h, out_w = pair("output_size", output_size, 1)
+    n, rows, length = cols3.shape
+    if rows == 0 or rows % (kernel[0] * kernel[1]):
+        raise ValueError(
+            f"input: size of dimension 1 ({rows}) must be a non-zero multiple of "
+            f"kernel_size[0] * kernel_size[1] = {kernel[0] * kernel[1]}"
+        )
+    c = rows // (kernel[0] * kernel[1])
+    check_fits("output", (n, c, out_h, out_w), cols.itemsize)
+    geometry = sliding_geometry(
+        "output_size", (n, c, out_h, out_w), kernel, pair("stride", stride, 1),
+        pair("padding", padding, 0), pair("dilation", dilation, 1),
+    )
+    if geometry.out_h * geometry.out_w != length:
+        raise ValueError(
+            f"input: expected {geometry.out_h * geometry.out_w} sliding blocks in dimension "
+            f"{cols.ndim - 1} for output_size={(out_h, out_w)}, kernel_size={kernel}, "
+            f"got shape {cols.shape}"
+        )
+    return cols3, geometry, unbatched
+
+
+def pool_indices(indices, shape: tuple[int, ...], g: ConvGeometry, unbatched: bool) -> np.ndarray:
+    """max_pool2d's indices: int64, the output's shape, each a flat position inside its plane."""
+    indices = np.asarray(indices)
+    if indices.dtype.kind not in "iu":
+        raise TypeError(f"indices: expected an integer array, got dtype {indices.dtype}")
+    shown = shape[1:] if unbatched else shape
+    if indices.shape != tuple(shown):
+        raise ValueError(f"indices: expected shape {tuple(shown)} (the pooled output), got {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= g.h * g.w):
+        raise ValueError(f"indices: values must lie in [0, {g.h * g.w}) for input planes of {g.h}x{g.w}")
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    return indices[np.newaxis] if unbatched else indices

@@ -1,0 +1,219 @@
+"""The public operations: check arguments (fastconv._args), then run the compiled kernels.
+
+Same names, arguments and results as torch.nn.functional. Convolution is im2col + one BLAS
+product per batch chunk (NumPy's matmul: it releases the GIL and uses the BLAS NumPy ships);
+the chunk is sized so that the im2col workspace stays within `workspace_limit()` bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from . import _args, _conv, _pool
+from .threads import get_num_threads
+
+__all__ = [
+    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
+    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold",
+    "set_workspace_limit", "workspace_limit",
+]
+
+_workspace_limit = int(float(os.environ.get("FASTCONV_WORKSPACE_MB", "32")) * 2**20)
+_local = threading.local()  # one workspace per Python thread: concurrent calls never share one
+
+
+def set_workspace_limit(nbytes: int) -> None:
+    """Bound the im2col workspace (default 32 MiB, or $FASTCONV_WORKSPACE_MB)."""
+    global _workspace_limit
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"nbytes: expected a positive int, got {nbytes!r}")
+    _workspace_limit = nbytes
+
+
+def workspace_limit() -> int:
+    return _workspace_limit
+
+
+def _workspace(dtype, *shapes):
+    """Views of one reused buffer, 64-byte aligned each: no page faults on every call."""
+    itemsize = np.dtype(dtype).itemsize
+    sizes = [int(np.prod(s)) * itemsize for s in shapes]
+    offsets = np.cumsum([0] + [-(-s // 64) * 64 for s in sizes])
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < offsets[-1] + 64:
+        _args.check_fits("workspace", (int(offsets[-1]) + 64,), 1)
+        buffer = np.empty(int(offsets[-1]) + 64, dtype=np.uint8)
+        # Keep it for the next call unless it is an outsized one-off.
+        if buffer.size <= 2 * _workspace_limit:
+            _local.buffer = buffer
+    start = -buffer.ctypes.data % 64
+    return [
+        buffer[start + o: start + o + s].view(dtype).reshape(shape)
+        for o, s, shape in zip(offsets, sizes, shapes)
+    ]
+
+
+def _chunk_size(n: int, per_sample_bytes: int) -> int:
+    return max(1, min(n, _workspace_limit // max(per_sample_bytes, 1)))
+
+
+def _finish(out, unbatched):
+    return out[0] if unbatched else out
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation) of x (N, C_in, H, W) with weight (C_out, C_in/groups, kH, kW).
+
+    Returns (N, C_out, H_out, W_out); padding may be an int, a pair, 'valid' or 'same'.
+    """
+    return _conv2d(x, weight, bias, stride, padding, dilation, groups, relu=False)
+
+
+def _conv2d(x, weight, bias, stride, padding, dilation, groups, relu):
+    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    bias = _args.bias_array(bias, a.weight)
+    g, w = a.geometry, a.weight
+    c_out, rows, positions = w.shape[0], g.patch_size, g.out_h * g.out_w
+    out = np.empty((g.n, c_out, g.out_h, g.out_w), dtype=w.dtype)
+    flat_out = out.reshape(g.n, c_out, positions)
+    weight_by_group = w.reshape(groups, c_out // groups, rows // groups)
+    has_bias = bias is not None
+    bias = bias if has_bias else np.zeros(1, dtype=w.dtype)
+    chunk = _chunk_size(g.n, (rows + c_out) * positions * w.itemsize)
+    threads = get_num_threads()
+    for n0 in range(0, g.n, chunk):
+        count = min(chunk, g.n - n0)
+        cols, product = _workspace(w.dtype, (rows, count, positions), (c_out, count, positions))
+        _conv.im2col(a.x, cols, n0, *g.kernel_args, threads)
+        np.matmul(
+            weight_by_group,
+            cols.reshape(groups, rows // groups, count * positions),
+            out=product.reshape(groups, c_out // groups, count * positions),
+        )
+        _conv.scatter_output(product, bias, flat_out, n0, has_bias, relu, threads)
+    return _finish(out, a.unbatched)
+
+
+def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    output_mask=(True, True, True)):
+    """Gradients of conv2d w.r.t. (input, weight, bias), as torch autograd computes them.
+
+    output_mask (keyword only, as torch's convolution_backward) skips the gradients not needed,
+    returning None in their place: a first layer never needs its input's gradient.
+    """
+    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    g, w = a.geometry, a.weight
+    c_out, rows, positions = w.shape[0], g.patch_size, g.out_h * g.out_w
+    grad = _args.grad_output_array(
+        grad_output, (g.n, c_out, g.out_h, g.out_w), w.dtype, a.unbatched
+    ).reshape(g.n, c_out, positions)
+    want_input, want_weight, want_bias = output_mask
+    grad_input = np.empty_like(a.x) if want_input else None
+    grad_weight = np.zeros((groups, c_out // groups, rows // groups), dtype=w.dtype)
+    weight_t = w.reshape(groups, c_out // groups, rows // groups).transpose(0, 2, 1)
+    chunk = _chunk_size(g.n, (2 * rows + c_out) * positions * w.itemsize)
+    threads = get_num_threads()
+    for n0 in range(0, g.n if (want_input or want_weight) else 0, chunk):
+        count = min(chunk, g.n - n0)
+        cols, grad_product = _workspace(w.dtype, (rows, count, positions), (c_out, count, positions))
+        _conv.gather_grad(grad, grad_product, n0, threads)
+        grad_by_group = grad_product.reshape(groups, c_out // groups, count * positions)
+        if want_weight:
+            _conv.im2col(a.x, cols, n0, *g.kernel_args, threads)
+            cols_t = cols.reshape(groups, rows // groups, count * positions).transpose(0, 2, 1)
+            grad_weight += np.matmul(grad_by_group, cols_t)
+        if want_input:
+            np.matmul(weight_t, grad_by_group, out=cols.reshape(groups, rows // groups, -1))
+            _conv.col2im(cols, grad_input, n0, *g.kernel_args, threads)
+    return (
+        _finish(grad_input, a.unbatched) if want_input else None,
+        grad_weight.reshape(w.shape) if want_weight else None,
+        grad.sum(axis=(0, 2)) if want_bias else None,
+    )
+
+
+def _planes(array, g):
+    return array.reshape(g.n * g.c_in, *array.shape[2:])
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max pooling of x (N, C, H, W); indices (if asked) are flat positions in each H * W plane."""
+    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    g = a.geometry
+    out = np.empty((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
+    indices = np.empty(out.shape, dtype=np.int64)
+    _pool.max_pool2d_forward(
+        _planes(a.x, g), _planes(out, g), _planes(indices, g), g.kh, g.kw, *g.stride,
+        g.pad_top, g.pad_left, *g.dilation, get_num_threads(),
+    )
+    if return_indices:
+        return _finish(out, a.unbatched), _finish(indices, a.unbatched)
+    return _finish(out, a.unbatched)
+
+
+def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
+                        ceil_mode=False, indices=None):
+    """Gradient of max_pool2d w.r.t. x; recomputes the indices when they are not given."""
+    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    g = a.geometry
+    shape = (g.n, g.c_in, g.out_h, g.out_w)
+    grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
+    if indices is None:
+        indices = max_pool2d(a.x, kernel_size, stride, padding, dilation, ceil_mode, True)[1]
+    else:
+        indices = _args.pool_indices(indices, shape, g, a.unbatched)
+    grad_input = np.empty_like(a.x)
+    flat = (g.n * g.c_in, -1)
+    _pool.max_pool2d_backward(
+        grad.reshape(flat), indices.reshape(flat), grad_input.reshape(flat), get_num_threads()
+    )
+    return _finish(grad_input, a.unbatched)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """Average pooling of x (N, C, H, W) with torch's divisor rules."""
+    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+    g = a.geometry
+    out = np.empty((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
+    _pool.avg_pool2d_forward(
+        _planes(a.x, g), _planes(out, g), g.kh, g.kw, *g.stride, g.pad_top, g.pad_left,
+        bool(count_include_pad), get_num_threads(),
+    )
+    return _finish(out, a.unbatched)
+
+
+def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                        count_include_pad=True):
+    """Gradient of avg_pool2d w.r.t. x."""
+    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+    g = a.geometry
+    shape = (g.n, g.c_in, g.out_h, g.out_w)
+    grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
+    grad_input = np.empty_like(a.x)
+    _pool.avg_pool2d_backward(
+        _planes(grad, g), _planes(grad_input, g), g.kh, g.kw, *g.stride, g.pad_top, g.pad_left,
+        bool(count_include_pad), get_num_threads(),
+    )
+    return _finish(grad_input, a.unbatched)
+
+
+def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
+    """im2col: (N, C, H, W) -> (N, C * kH * kW, L) sliding blocks, as torch.nn.functional.unfold."""
+    x4, g, unbatched = _args.unfold_args(x, kernel_size, dilation, padding, stride)
+    # The kernel writes the convolution layout (K, N, L); torch's is (N, K, L).
+    cols = np.empty((g.patch_size, g.n, g.out_h * g.out_w), dtype=x4.dtype)
+    _conv.im2col(x4, cols, 0, *g.kernel_args, get_num_threads())
+    return _finish(np.ascontiguousarray(cols.transpose(1, 0, 2)), unbatched)
+
+
+def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
+    """col2im: sums (N, C * kH * kW, L) blocks into (N, C, *output_size), as torch's fold."""
+    cols, g, unbatched = _args.fold_args(input, output_size, kernel_size, dilation, padding, stride)
+    out = np.empty((g.n, g.c_in, g.h, g.w), dtype=cols.dtype)
+    by_row = np.ascontiguousarray(cols.transpose(1, 0, 2))  # the kernel's (K, N, L) layout
+    _conv.col2im(by_row, out, 0, *g.kernel_args, get_num_threads())
+    return _finish(out, unbatched)

@@ -1,0 +1,187 @@
+"""The nine functional operations in plain NumPy: the oracle for tests, the baseline for benchmarks.
+
+Written to be obviously correct: every sliding-window operation is a loop over the kH * kW kernel
+offsets, each offset taking one strided slice of the zero-padded input. Arguments are checked by
+the same code as the compiled path (fastconv._args), so both accept and refuse the same inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _args
+
+__all__ = [
+    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
+    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold",
+]
+
+
+def _pad(x, g, value=0.0, extra_h=0, extra_w=0):
+    """Pad (N, C, H, W) by the geometry's pads, plus enough at the bottom/right for every window."""
+    bottom = max(0, (g.out_h - 1) * g.stride[0] + g.dilation[0] * (g.kh - 1) + 1 - g.h - g.pad_top)
+    right = max(0, (g.out_w - 1) * g.stride[1] + g.dilation[1] * (g.kw - 1) + 1 - g.w - g.pad_left)
+    widths = ((0, 0), (0, 0), (g.pad_top, bottom + extra_h), (g.pad_left, right + extra_w))
+    return np.pad(x, widths, constant_values=value)
+
+
+def _window(padded, g, i, j):
+    """The (N, C, out_h, out_w) slice seen by kernel offset (i, j)."""
+    top, left = i * g.dilation[0], j * g.dilation[1]
+    return padded[
+        :, :,
+        top: top + (g.out_h - 1) * g.stride[0] + 1: g.stride[0],
+        left: left + (g.out_w - 1) * g.stride[1] + 1: g.stride[1],
+    ]
+
+
+def _unpad(padded, g):
+    return padded[:, :, g.pad_top: g.pad_top + g.h, g.pad_left: g.pad_left + g.w]
+
+
+def _finish(out, unbatched):
+    return out[0] if unbatched else out
+
+
+def _grouped_windows(padded, g, groups):
+    """Yield (i, j, patch) with patch (N, groups, C_in / groups, out_h * out_w) for offset (i, j)."""
+    for i in range(g.kh):
+        for j in range(g.kw):
+            patch = _window(padded, g, i, j)
+            yield i, j, patch.reshape(g.n, groups, g.c_in // groups, g.out_h * g.out_w)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    bias = _args.bias_array(bias, a.weight)
+    g, c_out = a.geometry, a.weight.shape[0]
+    wg = a.weight.reshape(groups, c_out // groups, *a.weight.shape[1:])
+    out = np.zeros((g.n, groups, c_out // groups, g.out_h * g.out_w), dtype=a.weight.dtype)
+    for i, j, patch in _grouped_windows(_pad(a.x, g), g, groups):
+        # out[n, g, o, p] += sum_c w[g, o, c, i, j] * patch[n, g, c, p]
+        out += wg[:, :, :, i, j] @ patch
+    out = out.reshape(g.n, c_out, g.out_h, g.out_w)
+    if bias is not None:
+        out += bias[:, None, None]
+    return _finish(out, a.unbatched)
+
+
+def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1):
+    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    g, w = a.geometry, a.weight
+    c_out = w.shape[0]
+    grad = _args.grad_output_array(grad_output, (g.n, c_out, g.out_h, g.out_w), w.dtype, a.unbatched)
+    grad_g = grad.reshape(g.n, groups, c_out // groups, g.out_h * g.out_w)
+    wg = w.reshape(groups, c_out // groups, *w.shape[1:])
+    padded = _pad(a.x, g)
+    grad_padded = np.zeros_like(padded)
+    grad_weight = np.zeros_like(wg)
+    for i, j, patch in _grouped_windows(padded, g, groups):
+        grad_weight[:, :, :, i, j] = (grad_g @ patch.transpose(0, 1, 3, 2)).sum(axis=0)
+        grad_patch = wg[:, :, :, i, j].transpose(0, 2, 1) @ grad_g
+        _window(grad_padded, g, i, j)[...] += grad_patch.reshape(g.n, g.c_in, g.out_h, g.out_w)
+    grad_input = _finish(np.ascontiguousarray(_unpad(grad_padded, g)), a.unbatched)
+    return grad_input, grad_weight.reshape(w.shape), grad.sum(axis=(0, 2, 3))
+
+
+def _max_pool(a):
+    """Max value and torch-style flat index per window; NaN wins, the last NaN in scan order."""
+    g = a.geometry
+    padded = _pad(a.x, g, value=-np.inf)
+    flat = np.arange(g.h * g.w).reshape(1, 1, g.h, g.w)
+    index = _pad(np.broadcast_to(flat, (1, 1, g.h, g.w)), g, value=-1)
+    best = np.full((g.n, g.c_in, g.out_h, g.out_w), -np.inf, dtype=a.x.dtype)
+    best_index = np.full(best.shape, -1, dtype=np.int64)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            value = _window(padded, g, i, j)
+            where = _window(index, g, i, j)
+            inside = where >= 0
+            # torch starts each window at its first in-bounds element with -inf.
+            first = (best_index < 0) & inside
+            take = inside & ((value > best) | np.isnan(value) | first)
+            best = np.where(take, value, best)
+            best_index = np.where(take, where, best_index)
+    return best, best_index
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    out, indices = _max_pool(a)
+    if return_indices:
+        return _finish(out, a.unbatched), _finish(indices, a.unbatched)
+    return _finish(out, a.unbatched)
+
+
+def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
+                        ceil_mode=False, indices=None):
+    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    g = a.geometry
+    shape = (g.n, g.c_in, g.out_h, g.out_w)
+    grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
+    if indices is None:
+        indices = _max_pool(a)[1]
+    else:
+        indices = _args.pool_indices(indices, shape, g, a.unbatched)
+    grad_input = np.zeros((g.n * g.c_in, g.h * g.w), dtype=a.x.dtype)
+    planes = np.repeat(np.arange(g.n * g.c_in), g.out_h * g.out_w)
+    np.add.at(grad_input, (planes, indices.reshape(-1)), grad.reshape(-1))
+    return _finish(grad_input.reshape(a.x.shape), a.unbatched)
+
+
+def _avg_divisor(g, count_include_pad):
+    """torch's divisor per output position: the window clipped to the padded (or real) input."""
+    divisor = np.empty((g.out_h, g.out_w))
+    for oh in range(g.out_h):
+        for ow in range(g.out_w):
+            h0, w0 = oh * g.stride[0] - g.pad_top, ow * g.stride[1] - g.pad_left
+            h1, w1 = min(h0 + g.kh, g.h + g.pad_top), min(w0 + g.kw, g.w + g.pad_left)
+            if not count_include_pad:
+                h0, w0, h1, w1 = max(h0, 0), max(w0, 0), min(h1, g.h), min(w1, g.w)
+            divisor[oh, ow] = (h1 - h0) * (w1 - w0)
+    return divisor
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+    g = a.geometry
+    padded = _pad(a.x, g)
+    total = np.zeros((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            total += _window(padded, g, i, j)
+    out = total / _avg_divisor(g, count_include_pad).astype(a.x.dtype)
+    return _finish(out, a.unbatched)
+
+
+def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                        count_include_pad=True):
+    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+    g = a.geometry
+    grad = _args.grad_output_array(grad_output, (g.n, g.c_in, g.out_h, g.out_w), a.x.dtype, a.unbatched)
+    share = grad / _avg_divisor(g, count_include_pad).astype(a.x.dtype)
+    grad_padded = _pad(np.zeros_like(a.x), g)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            _window(grad_padded, g, i, j)[...] += share
+    return _finish(np.ascontiguousarray(_unpad(grad_padded, g)), a.unbatched)
+
+
+def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
+    x4, g, unbatched = _args.unfold_args(x, kernel_size, dilation, padding, stride)
+    padded = _pad(x4, g)
+    blocks = [_window(padded, g, i, j) for i in range(g.kh) for j in range(g.kw)]
+    # rows ordered (channel, kernel row, kernel column), as torch
+    cols = np.stack(blocks, axis=2).reshape(g.n, g.patch_size, g.out_h * g.out_w)
+    return _finish(cols, unbatched)
+
+
+def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
+    cols, g, unbatched = _args.fold_args(input, output_size, kernel_size, dilation, padding, stride)
+    blocks = cols.reshape(g.n, g.c_in, g.kh, g.kw, g.out_h, g.out_w)
+    padded = _pad(np.zeros((g.n, g.c_in, g.h, g.w), dtype=cols.dtype), g)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            _window(padded, g, i, j)[...] += blocks[:, :, i, j]
+    return _finish(np.ascontiguousarray(_unpad(padded, g)), unbatched)

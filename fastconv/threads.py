@@ -1,0 +1,47 @@
+"""How many threads the kernels use, in one place, coordinated with BLAS.
+
+The OpenMP kernels and the BLAS product run one after the other, never at once, so both may use
+every core; what must not happen is several Python threads (or MPI ranks) each asking for all
+cores. `set_num_threads` sets the count for both pools; `FASTCONV_NUM_THREADS` sets it at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+_num_threads: int | None = None
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def get_num_threads() -> int:
+    return _num_threads if _num_threads is not None else available_cores()
+
+
+def set_num_threads(n: int) -> None:
+    """Use n threads in fastconv's kernels and in the BLAS library NumPy calls."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int, got {n!r}")
+    _num_threads = n
+    from threadpoolctl import threadpool_limits  # only when asked: keeps `import fastconv` light
+
+    threadpool_limits(limits=n, user_api="blas")
+
+
+def _from_environment() -> None:
+    value = os.environ.get("FASTCONV_NUM_THREADS")
+    if not value:
+        return
+    try:
+        set_num_threads(int(value))
+    except ValueError:
+        raise ValueError(f"FASTCONV_NUM_THREADS: expected a positive integer, got {value!r}") from None
+
+
+_from_environment()

@@ -1,0 +1,81 @@
+"""Build the compiled kernels in src/ into extension modules inside the fastconv package.
+
+Environment switches (read at build time):
+  FASTCONV_DEBUG=1   Cython bounds checks on and -fsanitize=address,undefined (see README)
+  FASTCONV_NATIVE=1  -march=native (a wheel built this way only runs on CPUs like the builder's)
+  FASTCONV_NO_OPENMP=1  build single-threaded even if the compiler has OpenMP
+"""
+
+import os
+import subprocess
+import tempfile
+import warnings
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+KERNELS = ["_conv", "_pool"]  # src/<name>.pyx -> fastconv.<name>
+
+
+def compiler_has_openmp() -> bool:
+    """Compile a tiny OpenMP program: the only reliable test of the toolchain at hand."""
+    if os.environ.get("FASTCONV_NO_OPENMP") == "1":
+        return False
+    cc = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "omp.c")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n")
+        result = subprocess.run(
+            [cc, "-fopenmp", source, "-o", os.path.join(tmp, "omp")],
+            capture_output=True,
+        )
+    return result.returncode == 0
+
+
+debug = os.environ.get("FASTCONV_DEBUG") == "1"
+openmp = compiler_has_openmp()
+if not openmp:
+    warnings.warn("fastconv: no OpenMP in this compiler; kernels will run single-threaded")
+
+compile_args = ["-O1", "-g", "-fno-omit-frame-pointer"] if debug else ["-O3"]
+link_args = []
+if debug:
+    compile_args += ["-fsanitize=address,undefined"]
+    link_args += ["-fsanitize=address,undefined"]
+if os.environ.get("FASTCONV_NATIVE") == "1":
+    compile_args.append("-march=native")
+if openmp:
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+
+extensions = [
+    Extension(
+        f"fastconv.{name}",
+        [f"src/{name}.pyx"],
+        include_dirs=[np.get_include()],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        define_macros=[
+            ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+            # Recorded so `fastconv info` can say how the kernels were built.
+            ("FASTCONV_CFLAGS", '"%s"' % " ".join(compile_args)),
+        ],
+    )
+    for name in KERNELS
+]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": False,
+    "initializedcheck": debug,
+    "cdivision": True,
+}
+
+setup(
+    ext_modules=cythonize(
+        extensions, include_path=["src"], compiler_directives=directives, quiet=True
+    ),
+)
