@@ -32,6 +32,8 @@ def float_array(name: str, value, dtype: np.dtype | None = None) -> np.ndarray:
             f"{name}: dtype {array.dtype} does not match the input's dtype {dtype}; "
             "convert one of them (mixing float32 and float64 is not allowed)"
         )
+    if not array.flags.c_contiguous:  # the copy below must fit too (a broadcast view may not)
+        check_fits(name, array.shape, array.itemsize)
     return np.ascontiguousarray(array)
 
 
@@ -46,8 +48,13 @@ def batched(name: str, array: np.ndarray, what: str = "(C, H, W)") -> tuple[np.n
     return array, False
 
 
+# The kernels' 64-bit index arithmetic (sums and products of these) stays far from overflow;
+# torch's pooling has the same limit (its kernels take C ints).
+MAX_PARAMETER = 2**31 - 1
+
+
 def pair(name: str, value, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each >= minimum."""
+    """An int or a pair of ints, each in [minimum, MAX_PARAMETER]."""
     values = (value, value) if isinstance(value, Integral) else tuple(value) if _is_seq(value) else None
     if (
         values is None
@@ -57,6 +64,8 @@ def pair(name: str, value, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if min(values) < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+    if max(values) > MAX_PARAMETER:
+        raise ValueError(f"{name}: must be at most {MAX_PARAMETER} (2**31 - 1), got {value!r}")
     return int(values[0]), int(values[1])
 
 
@@ -311,7 +320,8 @@ def pool_indices(indices, shape: tuple[int, ...], g: ConvGeometry, unbatched: bo
     shown = shape[1:] if unbatched else shape
     if indices.shape != tuple(shown):
         raise ValueError(f"indices: expected shape {tuple(shown)} (the pooled output), got {indices.shape}")
-    if indices.size and (indices.min() < 0 or indices.max() >= g.h * g.w):
-        raise ValueError(f"indices: values must lie in [0, {g.h * g.w}) for input planes of {g.h}x{g.w}")
+    # -1 marks a window that held no input element (max_pool2d returns it for those)
+    if indices.size and (indices.min() < -1 or indices.max() >= g.h * g.w):
+        raise ValueError(f"indices: values must lie in [-1, {g.h * g.w}) for input planes of {g.h}x{g.w}")
     indices = np.ascontiguousarray(indices, dtype=np.int64)
     return indices[np.newaxis] if unbatched else indices

@@ -93,9 +93,9 @@ def fashion_mnist(split="train", data_dir=None, download=True, normalize=True):
 def read_idx(path) -> np.ndarray:
     """Parse one IDX file, gzip-compressed or raw, into an array of the shape its header gives.
 
-    The array is a read-only view of the file's bytes (copy it to modify). Raises ``ValueError``
-    naming the file for a bad magic number, an unknown type code, or data that is shorter or
-    longer than the product of the dims.
+    Byte-typed arrays are read-only views of the file's bytes (copy to modify). Raises
+    ``ValueError`` naming the file for a bad magic number, an unknown type code, or data that is
+    shorter or longer than the product of the dims.
     """
     data = _read_bytes(path)
     magic = data[:4]
@@ -119,8 +119,7 @@ def read_idx(path) -> np.ndarray:
     if found != expected:
         problem = "truncated" if found < expected else "overlong"
         raise ValueError(
-            f"{path}: {problem}: expected {expected} bytes of data for shape {shape}, "
-            f"found {found}"
+            f"{path}: {problem}: expected {expected} bytes of data for shape {shape}, found {found}"
         )
     array = np.frombuffer(data, dtype, offset=header_size).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)

@@ -1,8 +1,9 @@
 """The public operations: check arguments (fastconv._args), then run the compiled kernels.
 
-Same names, arguments and results as torch.nn.functional. Convolution is im2col + one BLAS
-product per batch chunk (NumPy's matmul: it releases the GIL and uses the BLAS NumPy ships);
-the chunk is sized so that the im2col workspace stays within `workspace_limit()` bytes.
+Same names, arguments and results as torch.nn.functional. Convolution is im2col + GEMM: the
+kernels call the BLAS NumPy loaded, one sample per thread with a (C_in*kH*kW, H_out*W_out)
+workspace each (fastconv._blas); without such a BLAS, batch chunks within `workspace_limit()`
+bytes go through NumPy's matmul.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 
 import numpy as np
 
-from . import _args, _conv, _pool
+from . import _args, _blas, _conv, _pool
 from .threads import get_num_threads
 
 __all__ = [
@@ -56,12 +57,28 @@ def _workspace(dtype, *shapes):
     ]
 
 
-def _chunk_size(n: int, per_sample_bytes: int) -> int:
-    return max(1, min(n, _workspace_limit // max(per_sample_bytes, 1)))
-
-
 def _finish(out, unbatched):
     return out[0] if unbatched else out
+
+
+def _blas_in_kernels() -> bool:
+    """Whether the kernels call BLAS themselves (else each batch chunk goes through np.matmul)."""
+    global _kernel_blas
+    if _kernel_blas is None:
+        found = None if os.environ.get("FASTCONV_BLAS") == "numpy" else _blas.find_gemm()
+        if found is not None:
+            _conv.use_blas(*found[:4])
+        _kernel_blas = found is not None
+    return _kernel_blas
+
+
+_kernel_blas: bool | None = None
+
+
+def _batch_chunks(n: int, per_sample: int, itemsize: int):
+    """(start, count) pairs so that count samples' workspace fits the workspace limit."""
+    chunk = max(1, min(n, _workspace_limit // max(per_sample * itemsize, 1)))
+    return [(n0, min(chunk, n - n0)) for n0 in range(0, n, chunk)]
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -73,6 +90,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def _conv2d(x, weight, bias, stride, padding, dilation, groups, relu):
+    """conv2d, optionally followed by ReLU fused into the same pass over the output."""
     a = _args.conv_args(x, weight, stride, padding, dilation, groups)
     bias = _args.bias_array(bias, a.weight)
     g, w = a.geometry, a.weight
@@ -80,20 +98,23 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, relu):
     out = np.empty((g.n, c_out, g.out_h, g.out_w), dtype=w.dtype)
     flat_out = out.reshape(g.n, c_out, positions)
     weight_by_group = w.reshape(groups, c_out // groups, rows // groups)
-    has_bias = bias is not None
-    bias = bias if has_bias else np.zeros(1, dtype=w.dtype)
-    chunk = _chunk_size(g.n, (rows + c_out) * positions * w.itemsize)
     threads = get_num_threads()
-    for n0 in range(0, g.n, chunk):
-        count = min(chunk, g.n - n0)
-        cols, product = _workspace(w.dtype, (rows, count, positions), (c_out, count, positions))
-        _conv.im2col(a.x, cols, n0, *g.kernel_args, threads)
-        np.matmul(
-            weight_by_group,
-            cols.reshape(groups, rows // groups, count * positions),
-            out=product.reshape(groups, c_out // groups, count * positions),
+    if _blas_in_kernels():
+        (workspace,) = _workspace(w.dtype, (threads, rows, positions))
+        has_bias = bias is not None
+        _conv.conv2d_forward(
+            a.x, weight_by_group, bias if has_bias else np.zeros(1, w.dtype), flat_out,
+            workspace, g.kernel_args, has_bias, relu, threads,
         )
-        _conv.scatter_output(product, bias, flat_out, n0, has_bias, relu, threads)
+        return _finish(out, a.unbatched)
+    for n0, count in _batch_chunks(g.n, rows * positions, w.itemsize):
+        (cols,) = _workspace(w.dtype, (count, groups, rows // groups, positions))
+        _conv.im2col(a.x[n0: n0 + count], cols.reshape(count, rows, positions), g.kernel_args, threads)
+        np.matmul(weight_by_group, cols, out=flat_out[n0: n0 + count].reshape(count, groups, -1, positions))
+    if bias is not None:
+        out += bias[:, None, None]
+    if relu:
+        np.maximum(out, 0, out=out)
     return _finish(out, a.unbatched)
 
 
@@ -110,24 +131,33 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     grad = _args.grad_output_array(
         grad_output, (g.n, c_out, g.out_h, g.out_w), w.dtype, a.unbatched
     ).reshape(g.n, c_out, positions)
-    want_input, want_weight, want_bias = output_mask
+    want_input, want_weight, want_bias = (bool(m) for m in output_mask)
     grad_input = np.empty_like(a.x) if want_input else None
-    grad_weight = np.zeros((groups, c_out // groups, rows // groups), dtype=w.dtype)
-    weight_t = w.reshape(groups, c_out // groups, rows // groups).transpose(0, 2, 1)
-    chunk = _chunk_size(g.n, (2 * rows + c_out) * positions * w.itemsize)
+    weight_by_group = w.reshape(groups, c_out // groups, rows // groups)
     threads = get_num_threads()
-    for n0 in range(0, g.n if (want_input or want_weight) else 0, chunk):
-        count = min(chunk, g.n - n0)
-        cols, grad_product = _workspace(w.dtype, (rows, count, positions), (c_out, count, positions))
-        _conv.gather_grad(grad, grad_product, n0, threads)
-        grad_by_group = grad_product.reshape(groups, c_out // groups, count * positions)
-        if want_weight:
-            _conv.im2col(a.x, cols, n0, *g.kernel_args, threads)
-            cols_t = cols.reshape(groups, rows // groups, count * positions).transpose(0, 2, 1)
-            grad_weight += np.matmul(grad_by_group, cols_t)
-        if want_input:
-            np.matmul(weight_t, grad_by_group, out=cols.reshape(groups, rows // groups, -1))
-            _conv.col2im(cols, grad_input, n0, *g.kernel_args, threads)
+    if _blas_in_kernels():
+        # one weight-gradient accumulator per thread, summed in a fixed order: reproducible
+        partial, workspace = _workspace(
+            w.dtype, (threads, *weight_by_group.shape), (threads, rows, positions)
+        )
+        partial[...] = 0
+        _conv.conv2d_backward(
+            grad, a.x, weight_by_group, grad_input if want_input else a.x[:0], partial,
+            workspace, g.kernel_args, want_input, want_weight, threads,
+        )
+        grad_weight = partial.sum(axis=0)
+    else:
+        grad_weight = np.zeros(weight_by_group.shape, dtype=w.dtype)
+        for n0, count in _batch_chunks(g.n, rows * positions, w.itemsize):
+            (cols,) = _workspace(w.dtype, (count, groups, rows // groups, positions))
+            flat_cols = cols.reshape(count, rows, positions)
+            grad_chunk = grad[n0: n0 + count].reshape(count, groups, -1, positions)
+            if want_weight:
+                _conv.im2col(a.x[n0: n0 + count], flat_cols, g.kernel_args, threads)
+                grad_weight += np.matmul(grad_chunk, cols.transpose(0, 1, 3, 2)).sum(axis=0)
+            if want_input:
+                np.matmul(weight_by_group.transpose(0, 2, 1), grad_chunk, out=cols)
+                _conv.col2im(flat_cols, grad_input[n0: n0 + count], g.kernel_args, threads)
     return (
         _finish(grad_input, a.unbatched) if want_input else None,
         grad_weight.reshape(w.shape) if want_weight else None,
@@ -204,16 +234,14 @@ def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, cei
 def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
     """im2col: (N, C, H, W) -> (N, C * kH * kW, L) sliding blocks, as torch.nn.functional.unfold."""
     x4, g, unbatched = _args.unfold_args(x, kernel_size, dilation, padding, stride)
-    # The kernel writes the convolution layout (K, N, L); torch's is (N, K, L).
-    cols = np.empty((g.patch_size, g.n, g.out_h * g.out_w), dtype=x4.dtype)
-    _conv.im2col(x4, cols, 0, *g.kernel_args, get_num_threads())
-    return _finish(np.ascontiguousarray(cols.transpose(1, 0, 2)), unbatched)
+    cols = np.empty((g.n, g.patch_size, g.out_h * g.out_w), dtype=x4.dtype)
+    _conv.im2col(x4, cols, g.kernel_args, get_num_threads())
+    return _finish(cols, unbatched)
 
 
 def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     """col2im: sums (N, C * kH * kW, L) blocks into (N, C, *output_size), as torch's fold."""
     cols, g, unbatched = _args.fold_args(input, output_size, kernel_size, dilation, padding, stride)
     out = np.empty((g.n, g.c_in, g.h, g.w), dtype=cols.dtype)
-    by_row = np.ascontiguousarray(cols.transpose(1, 0, 2))  # the kernel's (K, N, L) layout
-    _conv.col2im(by_row, out, 0, *g.kernel_args, get_num_threads())
+    _conv.col2im(cols, out, g.kernel_args, get_num_threads())
     return _finish(out, unbatched)

@@ -56,7 +56,8 @@ def load_images(sources, size: int = 28, mean: float = MNIST_MEAN, std: float = 
         try:
             batch.append(to_mnist_input(source, size, mean, std))
         except (TypeError, ValueError) as err:
-            raise type(err)(f"sources[{index}]: {err}") from err
+            error_type = TypeError if isinstance(err, TypeError) else ValueError
+            raise error_type(f"sources[{index}]: {err}") from err
     if not batch:
         return np.zeros((0, 1, size, size), dtype=np.float32)
     return np.stack(batch)
@@ -131,10 +132,10 @@ def _as_gray(image):
             return _gray_from_pil(_decode(f, os.fspath(image)))
     if hasattr(image, "read"):
         return _gray_from_pil(_decode(image, "stream"))
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    if isinstance(image, Image.Image):
-        return _gray_from_pil(image)
+    if isinstance(image, Image.Image):  # as if decoded here: upright, as the file would be
+        return _gray_from_pil(ImageOps.exif_transpose(image))
     raise TypeError(
         "image must be a path, bytes, a binary file-like object, a PIL.Image or a NumPy array, "
         f"got {type(image).__name__}"
@@ -178,7 +179,9 @@ def _gray_from_pil(image):
 
 def _gray_from_array(array):
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ValueError(f"image: expected an array (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+        raise ValueError(
+            f"image: expected an array (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"image: empty array of shape {array.shape}")
     if array.dtype == np.uint8:

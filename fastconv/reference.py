@@ -85,7 +85,11 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
 
 
 def _max_pool(a):
-    """Max value and torch-style flat index per window; NaN wins, the last NaN in scan order."""
+    """Max value and torch-style flat index per window; NaN wins, the last NaN in scan order.
+
+    A window that holds no input element (dilation can step over a small input) gives -inf and
+    index -1.
+    """
     g = a.geometry
     padded = _pad(a.x, g, value=-np.inf)
     flat = np.arange(g.h * g.w).reshape(1, 1, g.h, g.w)
@@ -126,7 +130,9 @@ def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dil
         indices = _args.pool_indices(indices, shape, g, a.unbatched)
     grad_input = np.zeros((g.n * g.c_in, g.h * g.w), dtype=a.x.dtype)
     planes = np.repeat(np.arange(g.n * g.c_in), g.out_h * g.out_w)
-    np.add.at(grad_input, (planes, indices.reshape(-1)), grad.reshape(-1))
+    # index -1: a window that saw no input element (only padding) passes no gradient, as torch
+    hit = indices.reshape(-1) >= 0
+    np.add.at(grad_input, (planes[hit], indices.reshape(-1)[hit]), grad.reshape(-1)[hit])
     return _finish(grad_input.reshape(a.x.shape), a.unbatched)
 
 

@@ -1,15 +1,20 @@
 # cython: language_level=3
-"""im2col / col2im and the output layout moves around the BLAS product of a convolution.
+"""Convolution as im2col + BLAS, one sample at a time per thread, and unfold/fold.
 
 Every function trusts its arguments (bounds checks are off): fastconv.functional validated the
 shapes and computed the geometry. Arrays are indexed with 64-bit Py_ssize_t throughout.
 
-`cols` is a (K, Nc, P) view: K = C * kH * kW patch rows ordered (c, i, j) as torch's unfold,
-Nc samples of a batch chunk, P = out_h * out_w positions. The convolution workspace is contiguous
-(so a chunk is one (K, Nc * P) matrix for one GEMM); unfold passes a transposed (N, K, P) array.
+A sample's patch matrix `cols` is (K, P): K = C * kH * kW rows ordered (c, i, j) as torch's
+unfold, P = out_h * out_w positions. Each thread owns one (K, P) workspace, small enough to stay
+in its cache between im2col and the product, and calls single-threaded GEMM on it: one parallel
+region per call, no synchronisation between phases, memory independent of the batch size.
+
+The GEMM is the BLAS NumPy itself loaded (fastconv._blas finds its address): no second BLAS in
+the process, and no GIL around the call.
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
+from libc.stdint cimport int64_t
 
 from fused_types cimport real
 
@@ -45,96 +50,230 @@ cdef inline void _valid_range(Py_ssize_t offset, Py_ssize_t stride, Py_ssize_t s
     hi[0] = last
 
 
-def im2col(const real[:, :, :, ::1] x, real[:, :, ::1] cols, Py_ssize_t n0,
-           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-           Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t out_h, Py_ssize_t out_w,
-           int num_threads):
-    """cols[(c, i, j), n, (oh, ow)] = x[n0 + n, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw], 0 outside."""
-    cdef Py_ssize_t rows = cols.shape[0], chunk = cols.shape[1]
-    cdef Py_ssize_t height = x.shape[2], width = x.shape[3]
-    cdef Py_ssize_t task, r, n, c, i, j, oh, ow, h, w_off, lo, hi
-    for task in prange(rows * chunk, nogil=True, schedule="static", num_threads=num_threads):
-        r = task // chunk
-        n = task % chunk
-        c = r // (kh * kw)
-        i = (r // kw) % kh
-        j = r % kw
-        w_off = j * dw - pw
-        lo = 0  # assigned here so that prange makes them thread-private
-        hi = 0
-        _valid_range(w_off, sw, width, out_w, &lo, &hi)
-        for oh in range(out_h):
-            h = oh * sh - ph + i * dh
-            if h < 0 or h >= height:
-                for ow in range(out_w):
-                    cols[r, n, oh * out_w + ow] = 0
+
+cdef struct Geometry:
+    Py_ssize_t channels, height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
+
+
+cdef Geometry _geometry(Py_ssize_t channels, Py_ssize_t height, Py_ssize_t width, tuple args):
+    cdef Geometry g
+    g.channels, g.height, g.width = channels, height, width
+    g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.out_h, g.out_w = args
+    return g
+
+
+cdef void _im2col(const real *x, real *cols, Geometry g) noexcept nogil:
+    """cols[(c, i, j), (oh, ow)] = x[c, oh*sh - ph + i*dh, ow*sw - pw + j*dw], 0 outside."""
+    cdef Py_ssize_t r, c, i, j, oh, ow, h, w_off, lo = 0, hi = 0
+    cdef Py_ssize_t positions = g.out_h * g.out_w
+    cdef const real *row
+    cdef real *dst
+    for r in range(g.channels * g.kh * g.kw):
+        c = r // (g.kh * g.kw)
+        i = (r // g.kw) % g.kh
+        j = r % g.kw
+        w_off = j * g.dw - g.pw
+        _valid_range(w_off, g.sw, g.width, g.out_w, &lo, &hi)
+        for oh in range(g.out_h):
+            dst = cols + r * positions + oh * g.out_w
+            h = oh * g.sh - g.ph + i * g.dh
+            if h < 0 or h >= g.height:
+                for ow in range(g.out_w):
+                    dst[ow] = 0
                 continue
+            row = x + (c * g.height + h) * g.width + w_off
             for ow in range(lo):
-                cols[r, n, oh * out_w + ow] = 0
-            if sw == 1:
+                dst[ow] = 0
+            if g.sw == 1:
                 for ow in range(lo, hi):
-                    cols[r, n, oh * out_w + ow] = x[n0 + n, c, h, ow + w_off]
+                    dst[ow] = row[ow]
             else:
                 for ow in range(lo, hi):
-                    cols[r, n, oh * out_w + ow] = x[n0 + n, c, h, ow * sw + w_off]
-            for ow in range(hi, out_w):
-                cols[r, n, oh * out_w + ow] = 0
+                    dst[ow] = row[ow * g.sw]
+            for ow in range(hi, g.out_w):
+                dst[ow] = 0
 
 
-def col2im(const real[:, :, ::1] cols, real[:, :, :, ::1] x, Py_ssize_t n0,
-           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-           Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t out_h, Py_ssize_t out_w,
-           int num_threads):
-    """x[n0 + n] = sum over patches of cols (the adjoint of im2col); overwrites those samples."""
-    cdef Py_ssize_t chunk = cols.shape[1], channels = x.shape[1]
-    cdef Py_ssize_t height = x.shape[2], width = x.shape[3]
-    cdef Py_ssize_t plane, r, n, c, i, j, oh, ow, h, w_off, lo, hi
-    # One task per (sample, channel) plane: no two tasks write the same element.
-    for plane in prange(chunk * channels, nogil=True, schedule="static", num_threads=num_threads):
-        n = plane // channels
-        c = plane % channels
-        lo = 0  # assigned here so that prange makes them thread-private
-        hi = 0
-        for h in range(height):
-            for ow in range(width):
-                x[n0 + n, c, h, ow] = 0
-        for i in range(kh):
-            for j in range(kw):
-                r = (c * kh + i) * kw + j
-                w_off = j * dw - pw
-                _valid_range(w_off, sw, width, out_w, &lo, &hi)
-                for oh in range(out_h):
-                    h = oh * sh - ph + i * dh
-                    if h < 0 or h >= height:
-                        continue
-                    for ow in range(lo, hi):
-                        x[n0 + n, c, h, ow * sw + w_off] += cols[r, n, oh * out_w + ow]
+cdef void _col2im(const real *cols, real *x, Geometry g) noexcept nogil:
+    """x = the sum of every patch back at its place (the adjoint of _im2col); overwrites x."""
+    cdef Py_ssize_t r, c, i, j, oh, ow, h, w_off, lo = 0, hi = 0
+    cdef Py_ssize_t positions = g.out_h * g.out_w
+    cdef const real *src
+    cdef real *row
+    for r in range(g.channels * g.height * g.width):
+        x[r] = 0
+    for r in range(g.channels * g.kh * g.kw):
+        c = r // (g.kh * g.kw)
+        i = (r // g.kw) % g.kh
+        j = r % g.kw
+        w_off = j * g.dw - g.pw
+        _valid_range(w_off, g.sw, g.width, g.out_w, &lo, &hi)
+        for oh in range(g.out_h):
+            h = oh * g.sh - g.ph + i * g.dh
+            if h < 0 or h >= g.height:
+                continue
+            src = cols + r * positions + oh * g.out_w
+            row = x + (c * g.height + h) * g.width + w_off
+            if g.sw == 1:
+                for ow in range(lo, hi):
+                    row[ow] += src[ow]
+            else:
+                for ow in range(lo, hi):
+                    row[ow * g.sw] += src[ow]
 
 
-def scatter_output(const real[:, :, ::1] product, const real[::1] bias, real[:, :, ::1] out,
-                   Py_ssize_t n0, bint has_bias, bint relu, int num_threads):
-    """out[n0 + n, o, p] = product[o, n, p] (+ bias[o]) (then max(., 0)): GEMM layout to NCHW."""
-    cdef Py_ssize_t c_out = product.shape[0], chunk = product.shape[1], size = product.shape[2]
-    cdef Py_ssize_t task, n, o, p
+def im2col(const real[:, :, :, ::1] x, real[:, :, ::1] cols, tuple args, int num_threads):
+    """unfold: cols[n] = the (K, P) patch matrix of x[n]."""
+    cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t n
+    for n in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
+        _im2col(&x[n, 0, 0, 0], &cols[n, 0, 0], g)
+
+
+def col2im(const real[:, :, ::1] cols, real[:, :, :, ::1] x, tuple args, int num_threads):
+    """fold: x[n] = the sum of the (K, P) patches cols[n] at their places."""
+    cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t n
+    for n in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
+        _col2im(&cols[n, 0, 0], &x[n, 0, 0, 0], g)
+
+
+# --- BLAS, found at run time in the library NumPy loaded --------------------------------------
+
+cdef enum:
+    ROW_MAJOR = 101
+    NO_TRANS = 111
+    TRANS = 112
+
+ctypedef void (*sgemm64_t)(int, int, int, int64_t, int64_t, int64_t, float, const float *,
+                           int64_t, const float *, int64_t, float, float *, int64_t) noexcept nogil
+ctypedef void (*dgemm64_t)(int, int, int, int64_t, int64_t, int64_t, double, const double *,
+                           int64_t, const double *, int64_t, double, double *, int64_t) noexcept nogil
+ctypedef void (*sgemm32_t)(int, int, int, int, int, int, float, const float *,
+                           int, const float *, int, float, float *, int) noexcept nogil
+ctypedef void (*dgemm32_t)(int, int, int, int, int, int, double, const double *,
+                           int, const double *, int, double, double *, int) noexcept nogil
+ctypedef int (*set_threads_t)(int) noexcept nogil
+
+cdef void *_sgemm = NULL
+cdef void *_dgemm = NULL
+cdef bint _ilp64 = False
+cdef set_threads_t _set_threads_local = NULL
+
+
+def use_blas(size_t sgemm, size_t dgemm, bint ilp64, size_t set_threads_local):
+    """Install CBLAS sgemm/dgemm (64-bit integers if ilp64) and OpenBLAS's per-thread setter."""
+    global _sgemm, _dgemm, _ilp64, _set_threads_local
+    _sgemm = <void *>sgemm
+    _dgemm = <void *>dgemm
+    _ilp64 = ilp64
+    _set_threads_local = <set_threads_t><void *>set_threads_local
+
+
+def has_blas():
+    return _sgemm != NULL and _dgemm != NULL
+
+
+cdef void _gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb, real beta,
+                real *c, Py_ssize_t ldc) noexcept nogil:
+    """Row-major c = op(a) @ op(b) + beta * c."""
+    cdef int ta = TRANS if trans_a else NO_TRANS
+    cdef int tb = TRANS if trans_b else NO_TRANS
+    if real is float:
+        if _ilp64:
+            (<sgemm64_t>_sgemm)(ROW_MAJOR, ta, tb, m, n, k, 1, a, lda, b, ldb, beta, c, ldc)
+        else:
+            (<sgemm32_t>_sgemm)(ROW_MAJOR, ta, tb, <int>m, <int>n, <int>k, 1, a, <int>lda, b,
+                                <int>ldb, beta, c, <int>ldc)
+    else:
+        if _ilp64:
+            (<dgemm64_t>_dgemm)(ROW_MAJOR, ta, tb, m, n, k, 1, a, lda, b, ldb, beta, c, ldc)
+        else:
+            (<dgemm32_t>_dgemm)(ROW_MAJOR, ta, tb, <int>m, <int>n, <int>k, 1, a, <int>lda, b,
+                                <int>ldb, beta, c, <int>ldc)
+
+
+cdef inline int _single_threaded_blas(int team) noexcept nogil:
+    """Inside a team, each thread's GEMM must run alone, not hand work to BLAS's own pool."""
+    if team > 1 and _set_threads_local != NULL:
+        return _set_threads_local(1)
+    return 0
+
+
+cdef inline void _restore_blas(int team, int previous) noexcept nogil:
+    if team > 1 and _set_threads_local != NULL and previous > 0:
+        _set_threads_local(previous)
+
+
+def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
+                   const real[::1] bias, real[:, :, ::1] out, real[:, :, ::1] workspace,
+                   tuple args, bint has_bias, bint relu, int num_threads):
+    """out[n] = weight @ im2col(x[n]) (+ bias) (then ReLU), per group; weight (G, C_out/G, K/G).
+
+    workspace: (threads, K, P). out: (N, C_out, P).
+    """
+    cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t groups = weight.shape[0], rows_g = weight.shape[1], k_g = weight.shape[2]
+    cdef Py_ssize_t positions = g.out_h * g.out_w, c_out = out.shape[1]
+    cdef Py_ssize_t n, grp, o, p
+    cdef int tid, previous = 0
     cdef real b, v
-    for task in prange(chunk * c_out, nogil=True, schedule="static", num_threads=num_threads):
-        n = task // c_out
-        o = task % c_out
-        b = bias[o] if has_bias else 0
-        for p in range(size):
-            v = product[o, n, p] + b
-            if relu and not (v > 0):
-                v = 0 if v == v else v  # NaN passes through as in torch
-            out[n0 + n, o, p] = v
+    cdef real *cols
+    cdef real *dst
+    with nogil:
+        previous = _single_threaded_blas(num_threads)
+        for n in prange(x.shape[0], schedule="static", num_threads=num_threads):
+            tid = threadid()
+            _single_threaded_blas(num_threads)
+            cols = &workspace[tid, 0, 0]
+            _im2col(&x[n, 0, 0, 0], cols, g)
+            for grp in range(groups):
+                _gemm(False, False, rows_g, positions, k_g, &weight[grp, 0, 0], k_g,
+                      cols + grp * k_g * positions, positions, 0, &out[n, grp * rows_g, 0], positions)
+            if has_bias or relu:
+                # the sample's output is still in cache: add the bias and rectify now
+                for o in range(c_out):
+                    dst = &out[n, o, 0]
+                    b = bias[o] if has_bias else 0
+                    for p in range(positions):
+                        v = dst[p] + b
+                        if relu and v < 0:
+                            v = 0
+                        dst[p] = v
+        _restore_blas(num_threads, previous)
 
 
-def gather_grad(const real[:, :, ::1] grad, real[:, :, ::1] product, Py_ssize_t n0,
-                int num_threads):
-    """product[o, n, p] = grad[n0 + n, o, p]: NCHW gradient to the GEMM layout."""
-    cdef Py_ssize_t c_out = product.shape[0], chunk = product.shape[1], size = product.shape[2]
-    cdef Py_ssize_t task, n, o, p
-    for task in prange(chunk * c_out, nogil=True, schedule="static", num_threads=num_threads):
-        n = task // c_out
-        o = task % c_out
-        for p in range(size):
-            product[o, n, p] = grad[n0 + n, o, p]
+def conv2d_backward(const real[:, :, ::1] grad, const real[:, :, :, ::1] x,
+                    const real[:, :, ::1] weight, real[:, :, :, ::1] grad_input,
+                    real[:, :, :, ::1] grad_weight, real[:, :, ::1] workspace, tuple args,
+                    bint want_input, bint want_weight, int num_threads):
+    """Per thread t: grad_weight[t] += grad[n] @ im2col(x[n])^T; grad_input[n] = col2im(W^T grad[n]).
+
+    grad: (N, C_out, P); weight (G, C_out/G, K/G); grad_weight: (threads, G, C_out/G, K/G),
+    zeroed by the caller and summed over threads afterwards; workspace: (threads, K, P).
+    """
+    cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t groups = weight.shape[0], rows_g = weight.shape[1], k_g = weight.shape[2]
+    cdef Py_ssize_t positions = g.out_h * g.out_w
+    cdef Py_ssize_t n, grp
+    cdef int tid, previous = 0
+    cdef real *cols
+    with nogil:
+        previous = _single_threaded_blas(num_threads)
+        for n in prange(x.shape[0], schedule="static", num_threads=num_threads):
+            tid = threadid()
+            _single_threaded_blas(num_threads)
+            cols = &workspace[tid, 0, 0]
+            if want_weight:
+                _im2col(&x[n, 0, 0, 0], cols, g)
+                for grp in range(groups):
+                    _gemm(False, True, rows_g, k_g, positions, &grad[n, grp * rows_g, 0], positions,
+                          cols + grp * k_g * positions, positions, 1, &grad_weight[tid, grp, 0, 0], k_g)
+            if want_input:
+                for grp in range(groups):
+                    _gemm(True, False, k_g, positions, rows_g, &weight[grp, 0, 0], k_g,
+                          &grad[n, grp * rows_g, 0], positions, 0, cols + grp * k_g * positions,
+                          positions)
+                _col2im(cols, &grad_input[n, 0, 0, 0], g)
+        _restore_blas(num_threads, previous)

@@ -1,0 +1,397 @@
+"""The layers. Each keeps from its forward what its backward needs, and nothing more.
+
+Convolution and pooling call fastconv.functional; the rest is a few NumPy operations that keep
+the input's dtype (a float32 model on float32 data never computes in float64).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import functional as F
+from .module import Module, Parameter, register
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= minimum for v in pair):
+        raise ValueError(f"{name}: expected an int or a pair of ints >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _json(value):
+    """Tuples become lists, NumPy scalars Python ones: what json.dumps accepts."""
+    if isinstance(value, (tuple, list)):
+        return [_json(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _uniform(rng: np.random.Generator, bound: float, shape, dtype) -> np.ndarray:
+    return rng.uniform(-bound, bound, shape).astype(dtype)
+
+
+def _check_dtype(layer: Module, x: np.ndarray, dtype: np.dtype) -> None:
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{type(layer).__name__}: input dtype {x.dtype} differs from the layer's {dtype}; "
+            "convert the input or the model (model.to(dtype))"
+        )
+
+
+@register
+class Conv2d(Module):
+    """2-D convolution over (N, C_in, H, W); weights initialised as torch's (kaiming-uniform)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, *, dtype=np.float32, rng=None):
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: in_channels={in_channels} and out_channels={out_channels} "
+                             f"must be divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self.stride = _pair("stride", stride, 1)
+        self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
+        self.dilation = _pair("dilation", dilation, 1)
+        rng = np.random.default_rng(rng)
+        bound = 1 / math.sqrt(in_channels // groups * self.kernel_size[0] * self.kernel_size[1])
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self.weight = Parameter(_uniform(rng, bound, shape, dtype))
+        self.bias = Parameter(_uniform(rng, bound, (out_channels,), dtype)) if bias else None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._x = np.ascontiguousarray(x)
+        bias = None if self.bias is None else self.bias.data
+        return F.conv2d(self._x, self.weight.data, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        mask = (self.needs_input_grad, True, self.bias is not None)
+        grad_input, grad_weight, grad_bias = F.conv2d_backward(
+            grad_output, self._x, self.weight.data, self.stride, self.padding, self.dilation,
+            self.groups, output_mask=mask,
+        )
+        self.weight.accumulate(grad_weight)
+        if self.bias is not None:
+            self.bias.accumulate(grad_bias)
+        return grad_input
+
+    def config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
+                "padding": _json(self.padding), "dilation": _json(self.dilation),
+                "groups": self.groups, "bias": self.bias is not None, "dtype": str(self.weight.dtype)}
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + (", bias=False" if self.bias is None else "")
+
+
+@register
+class MaxPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False):
+        tup = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        self.kernel_size = tup(kernel_size)
+        self.stride = self.kernel_size if stride is None else tup(stride)
+        self.padding, self.dilation, self.ceil_mode = tup(padding), tup(dilation), bool(ceil_mode)
+
+    def _args(self):
+        return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._x = np.ascontiguousarray(x)
+        out, self._indices = F.max_pool2d(self._x, *self._args(), return_indices=True)
+        return out
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        if not self.needs_input_grad:
+            return None
+        return F.max_pool2d_backward(grad_output, self._x, *self._args(), indices=self._indices)
+
+    def config(self) -> dict[str, Any]:
+        return {"kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
+                "padding": _json(self.padding), "dilation": _json(self.dilation), "ceil_mode": self.ceil_mode}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in zip(
+            ("kernel_size", "stride", "padding", "dilation", "ceil_mode"), self._args()))
+
+
+@register
+class AvgPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True):
+        tup = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        self.kernel_size = tup(kernel_size)
+        self.stride = self.kernel_size if stride is None else tup(stride)
+        self.padding, self.ceil_mode = tup(padding), bool(ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+
+    def _args(self):
+        return self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._x = np.ascontiguousarray(x)
+        return F.avg_pool2d(self._x, *self._args())
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        if not self.needs_input_grad:
+            return None
+        return F.avg_pool2d_backward(grad_output, self._x, *self._args())
+
+    def config(self) -> dict[str, Any]:
+        return {"kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
+                "padding": _json(self.padding), "ceil_mode": self.ceil_mode,
+                "count_include_pad": self.count_include_pad}
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+@register
+class ReLU(Module):
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._mask = x > 0
+        return x * self._mask  # faster than np.maximum(x, 0), and the mask is needed anyway
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        return grad_output * self._mask if self.needs_input_grad else None
+
+
+@register
+class LeakyReLU(Module):
+    def __init__(self, negative_slope: float = 0.01):
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._mask = x > 0
+        out = x * self.negative_slope
+        # max(x, a*x) for a <= 1, min(x, a*x) for a > 1: one pass, no temporary.
+        (np.maximum if self.negative_slope <= 1 else np.minimum)(out, x, out=out)
+        return out
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        if not self.needs_input_grad:
+            return None
+        grad_input = grad_output * self._mask
+        grad_input += (grad_output * self.negative_slope) * ~self._mask
+        return grad_input
+
+    def config(self) -> dict[str, Any]:
+        return {"negative_slope": self.negative_slope}
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+@register
+class Flatten(Module):
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._shape = x.shape
+        start, end = self.start_dim % x.ndim, self.end_dim % x.ndim
+        if start >= end:
+            return x
+        return x.reshape(*x.shape[:start], math.prod(x.shape[start:end + 1]), *x.shape[end + 1:])
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        return grad_output.reshape(self._shape) if self.needs_input_grad else None
+
+    def config(self) -> dict[str, Any]:
+        return {"start_dim": self.start_dim, "end_dim": self.end_dim}
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+
+@register
+class Linear(Module):
+    """y = x W^T + b over the last axis of x (..., in_features); torch's default initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype=np.float32, rng=None):
+        self.in_features, self.out_features = in_features, out_features
+        rng = np.random.default_rng(rng)
+        bound = 1 / math.sqrt(in_features)
+        self.weight = Parameter(_uniform(rng, bound, (out_features, in_features), dtype))
+        self.bias = Parameter(_uniform(rng, bound, (out_features,), dtype)) if bias else None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        _check_dtype(self, x, self.weight.dtype)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear: expected input (..., {self.in_features}), got shape {x.shape}")
+        self._x = x
+        out = x @ self.weight.data.T
+        if self.bias is not None:
+            out += self.bias.data
+        return out
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        grad = grad_output.reshape(-1, self.out_features)
+        self.weight.accumulate(grad.T @ self._x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            self.bias.accumulate(grad.sum(axis=0))
+        return grad_output @ self.weight.data if self.needs_input_grad else None
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "dtype": str(self.weight.dtype)}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@register
+class Dropout(Module):
+    """Zeroes each element with probability p in training, scaling the rest by 1 / (1 - p)."""
+
+    def __init__(self, p: float = 0.5, *, rng=None):
+        if not 0 <= p <= 1:
+            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+        self.p = float(p)
+        self.rng = np.random.default_rng(rng)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not self.training or self.p == 0:
+            self._mask = None
+            return x
+        keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p
+        self._mask = keep * x.dtype.type(0 if self.p == 1 else 1 / (1 - self.p))
+        return x * self._mask
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        if not self.needs_input_grad:
+            return None
+        return grad_output if self._mask is None else grad_output * self._mask
+
+    def config(self) -> dict[str, Any]:
+        return {"p": self.p}
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _BatchNorm(Module):
+    """Normalises each channel (axis 1) over all other axes, as torch's BatchNorm."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, dtype=np.float32):
+        self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        self.weight = Parameter(np.ones(num_features, dtype)) if affine else None
+        self.bias = Parameter(np.zeros(num_features, dtype)) if affine else None
+        self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._dtype = np.dtype(dtype)
+        if track_running_stats:
+            self.running_mean = np.zeros(num_features, dtype)
+            self.running_var = np.ones(num_features, dtype)
+            self.num_batches_tracked = np.array(0, dtype=np.int64)
+            self._buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+
+    def _check_input(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._check_input(x)
+        if self._param_dtype() is not None:
+            _check_dtype(self, x, self._param_dtype())
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcasts a per-channel vector
+        self._batch_stats = self.training or not self.track_running_stats
+        if self._batch_stats:
+            count = x.size // x.shape[1]
+            if count < 2:
+                raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                                 f"when training, got input of shape {x.shape}")
+            mean = x.mean(axis=self._axes(x))
+            xhat = x - mean.reshape(shape)
+            var = _channel_dot(xhat, xhat) / count  # biased, for normalising
+            if self.track_running_stats:
+                self._update_running_stats(mean, var * (count / (count - 1)))
+        else:
+            xhat = x - self.running_mean.reshape(shape)
+            var = self.running_var
+        self._invstd = 1 / np.sqrt(var + self.eps)
+        xhat *= self._invstd.reshape(shape)
+        self._xhat = xhat
+        if not self.affine:
+            return xhat
+        out = xhat * self.weight.data.reshape(shape)
+        out += self.bias.data.reshape(shape)
+        return out
+
+    def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray) -> None:
+        self.num_batches_tracked += 1
+        factor = 1 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
+        for running, batch in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            running *= 1 - factor
+            running += factor * batch
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        xhat, shape = self._xhat, (1, -1) + (1,) * (grad_output.ndim - 2)
+        grad_bias = grad_output.sum(axis=self._axes(grad_output))
+        grad_weight = _channel_dot(grad_output, xhat)
+        if self.affine:
+            self.weight.accumulate(grad_weight)
+            self.bias.accumulate(grad_bias)
+        if not self.needs_input_grad:
+            return None
+        scale = self._invstd if not self.affine else self.weight.data * self._invstd
+        if not self._batch_stats:  # the statistics are constants
+            return grad_output * scale.reshape(shape)
+        # d/dx of (x - mean) * invstd, with mean and invstd depending on x.
+        count = grad_output.size // grad_output.shape[1]
+        grad_input = xhat * (-grad_weight / count).reshape(shape)
+        grad_input += grad_output
+        grad_input -= (grad_bias / count).reshape(shape)
+        grad_input *= scale.reshape(shape)
+        return grad_input
+
+    @staticmethod
+    def _axes(x: np.ndarray) -> tuple[int, ...]:
+        return (0, *range(2, x.ndim))
+
+    def config(self) -> dict[str, Any]:
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "affine": self.affine, "track_running_stats": self.track_running_stats,
+                "dtype": str(self._dtype if self._param_dtype() is None else self._param_dtype())}
+
+    def _param_dtype(self) -> np.dtype | None:
+        """The dtype of the weights or running statistics (None when there are neither)."""
+        if self.affine:
+            return self.weight.dtype
+        return self.running_mean.dtype if self.track_running_stats else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum over every axis but 1 of a * b, without a temporary the size of a."""
+    a3 = a.reshape(a.shape[0], a.shape[1], -1)
+    return np.einsum("ncl,ncl->c", a3, b.reshape(a3.shape))
+
+
+@register
+class BatchNorm2d(_BatchNorm):
+    def _check_input(self, x: np.ndarray) -> None:
+        if x.ndim != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm2d: expected input (N, {self.num_features}, H, W), got shape {x.shape}")
+
+
+@register
+class BatchNorm1d(_BatchNorm):
+    def _check_input(self, x: np.ndarray) -> None:
+        if x.ndim not in (2, 3) or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"BatchNorm1d: expected input (N, {self.num_features}) or (N, {self.num_features}, L), "
+                f"got shape {x.shape}")

@@ -1,0 +1,290 @@
+"""Parameter, Module, Sequential, and the JSON description of a model (to_config/from_config).
+
+There is no autograd: every module's `forward` keeps what its `backward` needs, and `backward`
+returns the gradient w.r.t. the module's input while adding the gradients of its parameters
+to their `.grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable array: `.data` holds the values, `.grad` the accumulated gradient (or None)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+        self.grad: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def accumulate(self, grad: np.ndarray) -> None:
+        """grad += new gradient; the first gradient after zero_grad is stored, not copied."""
+        if grad.dtype != self.data.dtype:
+            grad = grad.astype(self.data.dtype)
+        if self.grad is None:
+            self.grad = grad
+        else:
+            self.grad += grad
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Module:
+    """Base class. Subclasses assign Parameters and sub-Modules as attributes; buffers (arrays saved
+    in the state dict but not trained) are listed by name in `_buffer_names`.
+
+    `needs_input_grad = False` lets `backward` skip the gradient w.r.t. the input (and return None):
+    the first layer of a model never needs it.
+    """
+
+    training: bool = True
+    needs_input_grad: bool = True
+    _buffer_names: tuple[str, ...] = ()
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        raise NotImplementedError
+
+    # -- structure ---------------------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def children(self) -> Iterator[Module]:
+        return (child for _, child in self.named_children())
+
+    def modules(self) -> Iterator[Module]:
+        """This module and all its descendants, depth first."""
+        yield self
+        for child in self.children():
+            yield from child.modules()
+
+    def _own_parameters(self) -> Iterator[tuple[str, Parameter]]:
+        return ((k, v) for k, v in vars(self).items() if isinstance(v, Parameter))
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, param in self._own_parameters():
+            yield prefix + name, param
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list[Parameter]:
+        return [param for _, param in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        for name in self._buffer_names:
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    # -- modes and gradients -----------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        for module in self.modules():
+            module.training = bool(mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the accumulated gradients (None, as torch's default, or zero-filled arrays)."""
+        for param in self.parameters():
+            if set_to_none or param.grad is None:
+                param.grad = None
+            else:
+                param.grad.fill(0)
+
+    def to(self, dtype) -> Module:
+        """Convert the parameters and floating-point buffers to dtype (in place; returns self)."""
+        dtype = np.dtype(dtype)
+        for module in self.modules():
+            for _, param in module._own_parameters():
+                param.data, param.grad = param.data.astype(dtype), None
+            for name in module._buffer_names:
+                if getattr(module, name).dtype.kind == "f":
+                    setattr(module, name, getattr(module, name).astype(dtype))
+        return self
+
+    # -- state dict ----------------------------------------------------------------------------
+    def _state_arrays(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        """torch's order: own parameters, own buffers, then each child's."""
+        for name, param in self._own_parameters():
+            yield prefix + name, param.data
+        for name in self._buffer_names:
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child._state_arrays(f"{prefix}{name}.")
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the parameters and buffers, under torch.nn's keys ("0.weight", ...)."""
+        return {key: array.copy() for key, array in self._state_arrays()}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Copy arrays (cast to each parameter's dtype) into the model, in place.
+
+        Everything is checked before anything is written: a missing or unexpected key (when
+        strict), a shape or a dtype kind that differs raises ValueError and leaves the model as
+        it was. Accepts anything np.asarray converts (e.g. a torch state_dict's tensors).
+        """
+        targets = dict(self._state_arrays())
+        missing = [key for key in targets if key not in state]
+        unexpected = [key for key in state if key not in targets]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        values = {}
+        for key, target in targets.items():
+            if key not in state:
+                continue
+            value = np.asarray(state[key])
+            if value.shape != target.shape:
+                problems.append(f"{key}: shape {value.shape} in the state dict, {target.shape} in the model")
+            elif (value.dtype.kind == "f") != (target.dtype.kind == "f") or value.dtype.kind not in "fiu":
+                problems.append(f"{key}: dtype {value.dtype} in the state dict, {target.dtype} in the model")
+            values[key] = value
+        if problems:
+            raise ValueError("load_state_dict: " + "; ".join(problems))
+        for key, value in values.items():
+            np.copyto(targets[key], value, casting="same_kind")
+        return IncompatibleKeys(missing, unexpected)
+
+    # -- description ---------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, JSON-able: Cls(**m.config()) rebuilds m's shape."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"({name}): " + repr(child).replace("\n", "\n  ") for name, child in self.named_children()]
+        if not lines:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        extra = [self.extra_repr()] if self.extra_repr() else []
+        return f"{type(self).__name__}(\n  " + "\n  ".join(extra + lines) + "\n)"
+
+
+class Sequential(Module):
+    """Layers applied in order; indexable, sized and iterable as torch's.
+
+    `needs_input_grad` (default False) is the first layer's flag: a model's backward then skips
+    the gradient w.r.t. its input and returns None. Set it True to get that gradient.
+    """
+
+    def __init__(self, *layers: Module, needs_input_grad: bool = False):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: layer {i} is not a Module: {layer!r}")
+        self.layers = list(layers)
+        for layer in self.layers[1:]:
+            layer.needs_input_grad = True  # every inner gradient is needed
+        self._needs_input_grad = False
+        self.needs_input_grad = needs_input_grad
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self.layers[0].needs_input_grad if self.layers else self._needs_input_grad
+
+    @needs_input_grad.setter
+    def needs_input_grad(self, value: bool) -> None:
+        self._needs_input_grad = bool(value)
+        if self.layers:
+            self.layers[0].needs_input_grad = bool(value)
+
+    def append(self, layer: Module) -> Sequential:
+        layer.needs_input_grad = True if self.layers else self._needs_input_grad
+        self.layers.append(layer)
+        return self
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        return ((str(i), layer) for i, layer in enumerate(self.layers))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        for layer in reversed(self.layers):
+            grad_output = layer.backward(grad_output)
+        return grad_output
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            part = self.layers[index]
+            return Sequential(*part, needs_input_grad=part[0].needs_input_grad if part else False)
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self.layers)
+
+
+# -- JSON description ----------------------------------------------------------------------------
+_LAYER_TYPES: dict[str, type[Module]] = {}
+
+
+def register(cls: type[Module]) -> type[Module]:
+    """Class decorator: make a Module subclass known to from_config by its class name."""
+    _LAYER_TYPES[cls.__name__] = cls
+    return cls
+
+
+def to_config(module: Module) -> dict[str, Any]:
+    """{"type": "Conv2d", "config": {...}}, or {"type": "Sequential", "layers": [...]}."""
+    if isinstance(module, Sequential):
+        return {"type": "Sequential", "layers": [to_config(layer) for layer in module]}
+    name = type(module).__name__
+    if _LAYER_TYPES.get(name) is not type(module):
+        raise ValueError(f"to_config: {name} is not a registered layer type (see fastconv.nn.register)")
+    return {"type": name, "config": module.config()}
+
+
+def from_config(config: dict[str, Any]) -> Module:
+    """The inverse of to_config: a freshly initialised module of that architecture."""
+    if not isinstance(config, dict) or not isinstance(config.get("type"), str):
+        raise ValueError(f"from_config: expected a dict with a 'type' string, got {config!r}")
+    name = config["type"]
+    if name == "Sequential":
+        layers = config.get("layers", [])
+        if not isinstance(layers, list):
+            raise ValueError(f"from_config: Sequential 'layers' must be a list, got {layers!r}")
+        return Sequential(*(from_config(layer) for layer in layers))
+    cls = _LAYER_TYPES.get(name)
+    if cls is None:
+        raise ValueError(f"from_config: unknown layer type {name!r}; known: {sorted(_LAYER_TYPES)}")
+    kwargs = config.get("config", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"from_config: {name} 'config' must be a dict, got {kwargs!r}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"from_config: bad arguments for {name}: {err}") from None
