@@ -40,6 +40,8 @@ if not openmp:
     warnings.warn("fastconv: no OpenMP in this compiler; kernels will run single-threaded")
 
 compile_args = ["-O1", "-g", "-fno-omit-frame-pointer"] if debug else ["-O3"]
+# Lets the compiler turn float compare-and-select into branch-free code (max pooling).
+compile_args.append("-fno-trapping-math")
 link_args = []
 if debug:
     compile_args += ["-fsanitize=address,undefined"]

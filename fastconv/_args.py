@@ -122,8 +122,13 @@ class ConvGeometry:
     @property
     def kernel_args(self) -> tuple[int, ...]:
         """The scalar arguments every im2col-style kernel takes, in its order."""
+        return self.pool_args + (self.out_h, self.out_w)
+
+    @property
+    def pool_args(self) -> tuple[int, ...]:
+        """(kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w)."""
         return (self.kh, self.kw, self.stride[0], self.stride[1], self.pad_top, self.pad_left,
-                self.dilation[0], self.dilation[1], self.out_h, self.out_w)
+                self.dilation[0], self.dilation[1])
 
 
 def sliding_geometry(name, shape, kernel, stride, padding, dilation) -> ConvGeometry:

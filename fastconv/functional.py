@@ -177,8 +177,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     out = np.empty((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
     indices = np.empty(out.shape, dtype=np.int64)
     _pool.max_pool2d_forward(
-        _planes(a.x, g), _planes(out, g), _planes(indices, g), g.kh, g.kw, *g.stride,
-        g.pad_top, g.pad_left, *g.dilation, get_num_threads(),
+        _planes(a.x, g), _planes(out, g), _planes(indices, g), g.pool_args, get_num_threads()
     )
     if return_indices:
         return _finish(out, a.unbatched), _finish(indices, a.unbatched)
@@ -210,8 +209,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     g = a.geometry
     out = np.empty((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
     _pool.avg_pool2d_forward(
-        _planes(a.x, g), _planes(out, g), g.kh, g.kw, *g.stride, g.pad_top, g.pad_left,
-        bool(count_include_pad), get_num_threads(),
+        _planes(a.x, g), _planes(out, g), g.pool_args, bool(count_include_pad), get_num_threads()
     )
     return _finish(out, a.unbatched)
 
@@ -225,8 +223,8 @@ def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, cei
     grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
     grad_input = np.empty_like(a.x)
     _pool.avg_pool2d_backward(
-        _planes(grad, g), _planes(grad_input, g), g.kh, g.kw, *g.stride, g.pad_top, g.pad_left,
-        bool(count_include_pad), get_num_threads(),
+        _planes(grad, g), _planes(grad_input, g), g.pool_args, bool(count_include_pad),
+        get_num_threads(),
     )
     return _finish(grad_input, a.unbatched)
 

@@ -519,31 +519,15 @@ def _epoch_line(row, epochs, stopped_early) -> str:
 
 
 def _generators(model) -> dict[str, np.random.Generator]:
-    """Every numpy Generator held by the model or its submodules, by attribute path."""
+    """Every numpy Generator held by the model or its submodules (Dropout's), by attribute path."""
     found: dict[str, np.random.Generator] = {}
-    seen_ids: set[int] = set()
 
-    def visit(obj, path):
-        if id(obj) in seen_ids:
-            return
-        seen_ids.add(id(obj))
-        if isinstance(obj, np.random.Generator):
-            found[path or "model"] = obj
-            return
-        if isinstance(obj, (list, tuple)):
-            for i, item in enumerate(obj):
-                visit(item, f"{path}.{i}" if path else str(i))
-            return
-        if isinstance(obj, dict):
-            for key, item in obj.items():
-                visit(item, f"{path}.{key}" if path else str(key))
-            return
-        if hasattr(obj, "__dict__") and hasattr(obj, "parameters"):
-            for name, value in vars(obj).items():
-                if isinstance(value, (np.random.Generator, list, tuple, dict)) or (
-                    hasattr(value, "__dict__") and hasattr(value, "parameters")
-                ):
-                    visit(value, f"{path}.{name}" if path else name)
+    def visit(module, prefix):
+        for name, value in vars(module).items():
+            if isinstance(value, np.random.Generator):
+                found[prefix + name] = value
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
 
     visit(model, "")
     return found

@@ -5,64 +5,113 @@ Arguments are trusted (fastconv.functional validated them). Arrays are (planes, 
 contiguous NCHW data. Window rules follow torch's CPU kernels exactly: a max window starts at its
 first in-bounds element, NaN wins (the last NaN in scan order), and the average divisor is the
 window clipped to the padded input (count_include_pad) or to the real input.
+
+Each plane is handled by a cdef function taking the geometry by value: inside OpenMP's outlined
+loop body, shared sizes would be reloaded after every int64 store (they may alias the indices).
 """
 
 from cython.parallel cimport prange
-from libc.math cimport isnan, INFINITY
+from libc.math cimport INFINITY
+from libc.stdint cimport int64_t
 
 from fused_types cimport real
 
 
-def max_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, long long[:, :, ::1] indices,
-                       Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                       Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw,
-                       int num_threads):
-    cdef Py_ssize_t planes = x.shape[0], height = x.shape[1], width = x.shape[2]
-    cdef Py_ssize_t out_h = out.shape[1], out_w = out.shape[2]
-    cdef Py_ssize_t plane, oh, ow, h0, h1, w0, w1, h, w, best_index
+cdef struct Pool:
+    Py_ssize_t height, width, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw
+    bint count_include_pad
+
+
+cdef Pool _pool(Py_ssize_t height, Py_ssize_t width, Py_ssize_t out_h, Py_ssize_t out_w,
+                tuple args, bint count_include_pad=True):
+    cdef Pool g
+    g.height, g.width, g.out_h, g.out_w = height, width, out_h, out_w
+    g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw = args
+    g.count_include_pad = count_include_pad
+    return g
+
+
+cdef void _max_plane(const real *x, real *out, int64_t *indices, Pool g) noexcept nogil:
+    cdef Py_ssize_t oh, ow, i, j, h, w, best_index
     cdef real best, value
-    for plane in prange(planes, nogil=True, schedule="static", num_threads=num_threads):
-        for oh in range(out_h):
-            h0 = oh * sh - ph
-            h1 = h0 + (kh - 1) * dh + 1
-            if h1 > height:
-                h1 = height
-            while h0 < 0:
-                h0 = h0 + dh
-            for ow in range(out_w):
-                w0 = ow * sw - pw
-                w1 = w0 + (kw - 1) * dw + 1
-                if w1 > width:
-                    w1 = width
-                while w0 < 0:
-                    w0 = w0 + dw
-                best = -INFINITY
-                best_index = h0 * width + w0
-                # while loops: Cython's range() needs a constant step to run without the GIL
-                h = h0
-                while h < h1:
-                    w = w0
-                    while w < w1:
-                        value = x[plane, h, w]
-                        if value > best or isnan(value):
-                            best = value
-                            best_index = h * width + w
-                        w = w + dw
-                    h = h + dh
-                out[plane, oh, ow] = best
-                indices[plane, oh, ow] = best_index
+    cdef bint take
+    for oh in range(g.out_h):
+        for ow in range(g.out_w):
+            best = -INFINITY
+            best_index = -1
+            for i in range(g.kh):
+                h = oh * g.sh - g.ph + i * g.dh
+                if h < 0 or h >= g.height:
+                    continue
+                for j in range(g.kw):
+                    w = ow * g.sw - g.pw + j * g.dw
+                    if w < 0 or w >= g.width:
+                        continue
+                    value = x[h * g.width + w]
+                    # torch: the first in-bounds element starts the window, then NaN or
+                    # greater wins. Selects, not branches: random data mispredicts.
+                    take = (value > best) | (value != value) | (best_index < 0)
+                    best = value if take else best
+                    best_index = h * g.width + w if take else best_index
+            out[oh * g.out_w + ow] = best
+            indices[oh * g.out_w + ow] = best_index
 
 
-def max_pool2d_backward(const real[:, ::1] grad_output, const long long[:, ::1] indices,
+cdef void _max_plane_interior(const real *x, real *out, int64_t *indices, Pool g) noexcept nogil:
+    """_max_plane when every window lies inside the plane: no bounds tests, so the compiler can
+    turn the comparisons into selects."""
+    cdef Py_ssize_t oh, ow, i, j, start, at, best_index
+    cdef int64_t mask
+    cdef real best, value
+    for oh in range(g.out_h):
+        for ow in range(g.out_w):
+            start = oh * g.sh * g.width + ow * g.sw
+            best = x[start]
+            best_index = start
+            for i in range(g.kh):
+                for j in range(g.kw):
+                    at = start + i * g.dh * g.width + j * g.dw
+                    value = x[at]
+                    # integer masks: compilers keep "if greater" as a branch, and random data
+                    # mispredicts it half the time
+                    mask = -<int64_t>((value > best) | (value != value))
+                    best_index = (at & mask) | (best_index & ~mask)
+                    best = x[best_index]
+            out[oh * g.out_w + ow] = best
+            indices[oh * g.out_w + ow] = best_index
+
+
+def max_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, int64_t[:, :, ::1] indices,
+                       tuple args, int num_threads):
+    """args: (kh, kw, sh, sw, ph, pw, dh, dw)."""
+    cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args)
+    cdef bint interior = (g.ph == 0 and g.pw == 0
+                          and (g.out_h - 1) * g.sh + (g.kh - 1) * g.dh < g.height
+                          and (g.out_w - 1) * g.sw + (g.kw - 1) * g.dw < g.width)
+    cdef Py_ssize_t plane
+    for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
+        if interior:
+            _max_plane_interior(&x[plane, 0, 0], &out[plane, 0, 0], &indices[plane, 0, 0], g)
+        else:
+            _max_plane(&x[plane, 0, 0], &out[plane, 0, 0], &indices[plane, 0, 0], g)
+
+
+def max_pool2d_backward(const real[:, ::1] grad_output, const int64_t[:, ::1] indices,
                         real[:, ::1] grad_input, int num_threads):
     """grad_input[plane, indices[plane, k]] += grad_output[plane, k]; overwrites grad_input."""
     cdef Py_ssize_t planes = grad_input.shape[0], size = grad_input.shape[1]
     cdef Py_ssize_t count = grad_output.shape[1], plane, k
+    cdef real *dst
+    cdef const real *src
+    cdef const int64_t *where
     for plane in prange(planes, nogil=True, schedule="static", num_threads=num_threads):
+        dst = &grad_input[plane, 0]
+        src = &grad_output[plane, 0]
+        where = &indices[plane, 0]
         for k in range(size):
-            grad_input[plane, k] = 0
+            dst[k] = 0
         for k in range(count):
-            grad_input[plane, indices[plane, k]] += grad_output[plane, k]
+            dst[where[k]] += src[k]
 
 
 cdef inline Py_ssize_t _window(Py_ssize_t o, Py_ssize_t stride, Py_ssize_t pad, Py_ssize_t kernel,
@@ -83,45 +132,49 @@ cdef inline Py_ssize_t _window(Py_ssize_t o, Py_ssize_t stride, Py_ssize_t pad, 
     return padded_extent if count_include_pad else e - s
 
 
-def avg_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out,
-                       Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                       Py_ssize_t ph, Py_ssize_t pw, bint count_include_pad, int num_threads):
-    cdef Py_ssize_t planes = x.shape[0], height = x.shape[1], width = x.shape[2]
-    cdef Py_ssize_t out_h = out.shape[1], out_w = out.shape[2]
-    cdef Py_ssize_t plane, oh, ow, h0, h1, w0, w1, h, w, rows, columns
-    cdef double total
-    for plane in prange(planes, nogil=True, schedule="static", num_threads=num_threads):
-        h0 = h1 = w0 = w1 = 0  # assigned here so that prange makes them thread-private
-        for oh in range(out_h):
-            rows = _window(oh, sh, ph, kh, height, count_include_pad, &h0, &h1)
-            for ow in range(out_w):
-                columns = _window(ow, sw, pw, kw, width, count_include_pad, &w0, &w1)
-                total = 0
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        total = total + x[plane, h, w]
-                out[plane, oh, ow] = <real>(total / (rows * columns))
+cdef void _avg_plane(const real *x, real *out, Pool g) noexcept nogil:
+    cdef Py_ssize_t oh, ow, h0 = 0, h1 = 0, w0 = 0, w1 = 0, h, w, rows, columns
+    cdef real total  # torch sums in the input's precision too
+    for oh in range(g.out_h):
+        rows = _window(oh, g.sh, g.ph, g.kh, g.height, g.count_include_pad, &h0, &h1)
+        for ow in range(g.out_w):
+            columns = _window(ow, g.sw, g.pw, g.kw, g.width, g.count_include_pad, &w0, &w1)
+            total = 0
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    total = total + x[h * g.width + w]
+            out[oh * g.out_w + ow] = total / (rows * columns)
 
 
-def avg_pool2d_backward(const real[:, :, ::1] grad_output, real[:, :, ::1] grad_input,
-                        Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
-                        Py_ssize_t ph, Py_ssize_t pw, bint count_include_pad, int num_threads):
-    """Spread each output's gradient evenly over its window; overwrites grad_input."""
-    cdef Py_ssize_t planes = grad_input.shape[0], height = grad_input.shape[1]
-    cdef Py_ssize_t width = grad_input.shape[2]
-    cdef Py_ssize_t out_h = grad_output.shape[1], out_w = grad_output.shape[2]
-    cdef Py_ssize_t plane, oh, ow, h0, h1, w0, w1, h, w, rows, columns
+cdef void _avg_plane_backward(const real *grad, real *grad_input, Pool g) noexcept nogil:
+    cdef Py_ssize_t oh, ow, h0 = 0, h1 = 0, w0 = 0, w1 = 0, h, w, rows, columns
     cdef real share
-    for plane in prange(planes, nogil=True, schedule="static", num_threads=num_threads):
-        h0 = h1 = w0 = w1 = 0  # assigned here so that prange makes them thread-private
-        for h in range(height):
-            for w in range(width):
-                grad_input[plane, h, w] = 0
-        for oh in range(out_h):
-            rows = _window(oh, sh, ph, kh, height, count_include_pad, &h0, &h1)
-            for ow in range(out_w):
-                columns = _window(ow, sw, pw, kw, width, count_include_pad, &w0, &w1)
-                share = grad_output[plane, oh, ow] / (rows * columns)
-                for h in range(h0, h1):
-                    for w in range(w0, w1):
-                        grad_input[plane, h, w] += share
+    for h in range(g.height * g.width):
+        grad_input[h] = 0
+    for oh in range(g.out_h):
+        rows = _window(oh, g.sh, g.ph, g.kh, g.height, g.count_include_pad, &h0, &h1)
+        for ow in range(g.out_w):
+            columns = _window(ow, g.sw, g.pw, g.kw, g.width, g.count_include_pad, &w0, &w1)
+            share = grad[oh * g.out_w + ow] / (rows * columns)
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    grad_input[h * g.width + w] += share
+
+
+def avg_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, tuple args,
+                       bint count_include_pad, int num_threads):
+    """args: (kh, kw, sh, sw, ph, pw, 1, 1)."""
+    cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args, count_include_pad)
+    cdef Py_ssize_t plane
+    for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
+        _avg_plane(&x[plane, 0, 0], &out[plane, 0, 0], g)
+
+
+def avg_pool2d_backward(const real[:, :, ::1] grad_output, real[:, :, ::1] grad_input, tuple args,
+                        bint count_include_pad, int num_threads):
+    """Spread each output's gradient evenly over its window; overwrites grad_input."""
+    cdef Pool g = _pool(grad_input.shape[1], grad_input.shape[2], grad_output.shape[1],
+                        grad_output.shape[2], args, count_include_pad)
+    cdef Py_ssize_t plane
+    for plane in prange(grad_input.shape[0], nogil=True, schedule="static", num_threads=num_threads):
+        _avg_plane_backward(&grad_output[plane, 0, 0], &grad_input[plane, 0, 0], g)

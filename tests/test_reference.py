@@ -64,43 +64,35 @@ def _pool_size(size, k, s, p, d, ceil_mode):
 
 
 def _pool_windows(x, kernel_size, stride, padding, dilation, ceil_mode):
-    """Yield (b, c, oh, ow, positions) with positions the window's (row, col) in scan order."""
+    """(out_h, out_w, window) with window(oh, ow) the (row, col) list of its positions in scan order."""
     (kh, kw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(padding), _pair(dilation)
     sh, sw = (kh, kw) if stride is None else _pair(stride)
-    n, c, h, w = x.shape
-    out_h, out_w = _pool_size(h, kh, sh, ph, dh, ceil_mode), _pool_size(w, kw, sw, pw, dw, ceil_mode)
-    for b in range(n):
-        for ch in range(c):
-            for oh in range(out_h):
-                for ow in range(out_w):
-                    positions = [
-                        (oh * sh - ph + i * dh, ow * sw - pw + j * dw)
-                        for i in range(kh) for j in range(kw)
-                    ]
-                    yield b, ch, oh, ow, out_h, out_w, positions
+    h, w = x.shape[2:]
+
+    def window(oh, ow):
+        return [(oh * sh - ph + i * dh, ow * sw - pw + j * dw) for i in range(kh) for j in range(kw)]
+
+    return _pool_size(h, kh, sh, ph, dh, ceil_mode), _pool_size(w, kw, sw, pw, dw, ceil_mode), window
 
 
 def naive_max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """torch's rule: start from -inf at the window's first input element; a larger value or any
     NaN takes over (so the last NaN wins); a window without input elements gives -inf, index -1."""
     x, unbatched = _batched(np.asarray(x))
-    h, w = x.shape[2:]
-    out = indices = None
-    for b, c, oh, ow, out_h, out_w, positions in _pool_windows(
-            x, kernel_size, stride, padding, dilation, ceil_mode):
-        if out is None:
-            out = np.empty((x.shape[0], x.shape[1], out_h, out_w), dtype=x.dtype)
-            indices = np.empty(out.shape, dtype=np.int64)
+    n, c, h, w = x.shape
+    out_h, out_w, window = _pool_windows(x, kernel_size, stride, padding, dilation, ceil_mode)
+    out = np.empty((n, c, out_h, out_w), dtype=x.dtype)
+    indices = np.empty(out.shape, dtype=np.int64)
+    for b, ch, oh, ow in np.ndindex(out.shape):
         best, best_index = -math.inf, -1
-        for row, col in positions:
+        for row, col in window(oh, ow):
             if 0 <= row < h and 0 <= col < w:
-                value = x[b, c, row, col]
-                if best_index < 0 or value > best or math.isnan(value):
-                    if best_index < 0 and not (value > best or math.isnan(value)):
-                        best_index = row * w + col  # -inf itself: index of the first element
-                        continue
+                value = x[b, ch, row, col]
+                if best_index < 0:
+                    best_index = row * w + col
+                if value > best or math.isnan(value):
                     best, best_index = value, row * w + col
-        out[b, c, oh, ow], indices[b, c, oh, ow] = best, best_index
+        out[b, ch, oh, ow], indices[b, ch, oh, ow] = best, best_index
     if unbatched:
         return out[0], indices[0]
     return out, indices
@@ -110,17 +102,16 @@ def naive_avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, co
     """Sum of the window's input elements over the number of its elements inside the padded
     input (count_include_pad) or inside the input itself."""
     x, unbatched = _batched(np.asarray(x))
-    h, w = x.shape[2:]
+    n, c, h, w = x.shape
     ph, pw = _pair(padding)
-    out = None
-    for b, c, oh, ow, out_h, out_w, positions in _pool_windows(
-            x, kernel_size, stride, padding, 1, ceil_mode):
-        if out is None:
-            out = np.empty((x.shape[0], x.shape[1], out_h, out_w), dtype=x.dtype)
+    out_h, out_w, window = _pool_windows(x, kernel_size, stride, padding, 1, ceil_mode)
+    out = np.empty((n, c, out_h, out_w), dtype=x.dtype)
+    for b, ch, oh, ow in np.ndindex(out.shape):
+        positions = window(oh, ow)
         inside = [(r, q) for r, q in positions if 0 <= r < h and 0 <= q < w]
         padded = [(r, q) for r, q in positions if -ph <= r < h + ph and -pw <= q < w + pw]
-        total = sum(float(x[b, c, r, q]) for r, q in inside)
-        out[b, c, oh, ow] = total / len(padded if count_include_pad else inside)
+        total = sum(float(x[b, ch, r, q]) for r, q in inside)
+        out[b, ch, oh, ow] = total / len(padded if count_include_pad else inside)
     return out[0] if unbatched else out
 
 
@@ -217,7 +208,8 @@ def test_max_pool2d_all_minus_inf_window_points_at_its_first_input_element():
     x = np.full((1, 1, 3, 3), -np.inf)
     out, indices = ref.max_pool2d(x, 2, stride=1, padding=1, return_indices=True)
     assert (out == -np.inf).all()
-    np.testing.assert_array_equal(indices[0, 0], [[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    # output (4, 4); window (oh, ow) covers rows oh-1, oh and columns ow-1, ow
+    np.testing.assert_array_equal(indices[0, 0], [[0, 0, 1, 2], [0, 0, 1, 2], [3, 3, 4, 5], [6, 6, 7, 8]])
 
 
 def test_max_pool2d_window_without_input_elements():
@@ -268,7 +260,7 @@ def test_naive_loops_agree_with_hand_computed_values():
     x = np.arange(9, dtype=np.float64).reshape(1, 1, 3, 3)
     np.testing.assert_array_equal(naive_conv2d(x, np.ones((1, 1, 2, 2))), [[[[8, 12], [20, 24]]]])
     np.testing.assert_array_equal(naive_max_pool2d(x, 2, stride=1)[0], [[[[4, 5], [7, 8]]]])
-    np.testing.assert_array_equal(naive_avg_pool2d(x, 2, padding=1)[0], [[[[0, 0.75], [1.5, 6]]]])
+    np.testing.assert_array_equal(naive_avg_pool2d(x, 2, padding=1), [[[[0, 0.75], [2.25, 6]]]])
     np.testing.assert_array_equal(naive_unfold(x, 2)[0, :, 0], [0, 1, 3, 4])
     np.testing.assert_array_equal(naive_fold(np.ones((1, 4, 4)), (3, 3), 2), [[[[1, 2, 1], [2, 4, 2], [1, 2, 1]]]])
 

@@ -17,7 +17,9 @@ from .layers import (
     ReLU,
 )
 from .loss import CrossEntropyLoss
-from .module import IncompatibleKeys, Module, Parameter, Sequential, from_config, register, to_config
+from .module import (
+    IncompatibleKeys, Module, Parameter, Sequential, from_config, register, to_config,
+)
 
 __all__ = [
     "Module", "Parameter", "Sequential", "IncompatibleKeys", "Conv2d", "MaxPool2d", "AvgPool2d",

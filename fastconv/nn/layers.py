@@ -22,6 +22,11 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def _tuple(value):
+    """Lists (from JSON) become tuples, as torch stores pooling sizes; ints stay ints."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def _json(value):
     """Tuples become lists, NumPy scalars Python ones: what json.dumps accepts."""
     if isinstance(value, (tuple, list)):
@@ -64,27 +69,31 @@ class Conv2d(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._x = np.ascontiguousarray(x)
         bias = None if self.bias is None else self.bias.data
-        return F.conv2d(self._x, self.weight.data, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(self._x, self.weight.data, bias, *self._geometry())
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
-        mask = (self.needs_input_grad, True, self.bias is not None)
         grad_input, grad_weight, grad_bias = F.conv2d_backward(
-            grad_output, self._x, self.weight.data, self.stride, self.padding, self.dilation,
-            self.groups, output_mask=mask,
+            grad_output, self._x, self.weight.data, *self._geometry(),
+            output_mask=(self.needs_input_grad, True, self.bias is not None),
         )
         self.weight.accumulate(grad_weight)
         if self.bias is not None:
             self.bias.accumulate(grad_bias)
         return grad_input
 
+    def _geometry(self):
+        return self.stride, self.padding, self.dilation, self.groups
+
     def config(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
                 "padding": _json(self.padding), "dilation": _json(self.dilation),
-                "groups": self.groups, "bias": self.bias is not None, "dtype": str(self.weight.dtype)}
+                "groups": self.groups, "bias": self.bias is not None,
+                "dtype": str(self.weight.dtype)}
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
@@ -96,11 +105,13 @@ class Conv2d(Module):
 
 @register
 class MaxPool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False):
-        tup = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-        self.kernel_size = tup(kernel_size)
-        self.stride = self.kernel_size if stride is None else tup(stride)
-        self.padding, self.dilation, self.ceil_mode = tup(padding), tup(dilation), bool(ceil_mode)
+    """Max pooling; ceil_mode is keyword-only (torch's fifth positional is return_indices)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode: bool = False):
+        self.kernel_size = _tuple(kernel_size)
+        self.stride = self.kernel_size if stride is None else _tuple(stride)
+        self.padding, self.dilation = _tuple(padding), _tuple(dilation)
+        self.ceil_mode = bool(ceil_mode)
 
     def _args(self):
         return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
@@ -116,22 +127,21 @@ class MaxPool2d(Module):
         return F.max_pool2d_backward(grad_output, self._x, *self._args(), indices=self._indices)
 
     def config(self) -> dict[str, Any]:
-        return {"kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
-                "padding": _json(self.padding), "dilation": _json(self.dilation), "ceil_mode": self.ceil_mode}
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        return {name: _json(value) for name, value in zip(names, self._args())}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in zip(
-            ("kernel_size", "stride", "padding", "dilation", "ceil_mode"), self._args()))
+        return ", ".join(f"{name}={value}" for name, value in self.config().items()).replace(
+            "[", "(").replace("]", ")")
 
 
 @register
 class AvgPool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                  count_include_pad: bool = True):
-        tup = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-        self.kernel_size = tup(kernel_size)
-        self.stride = self.kernel_size if stride is None else tup(stride)
-        self.padding, self.ceil_mode = tup(padding), bool(ceil_mode)
+        self.kernel_size = _tuple(kernel_size)
+        self.stride = self.kernel_size if stride is None else _tuple(stride)
+        self.padding, self.ceil_mode = _tuple(padding), bool(ceil_mode)
         self.count_include_pad = bool(count_include_pad)
 
     def _args(self):
@@ -147,9 +157,8 @@ class AvgPool2d(Module):
         return F.avg_pool2d_backward(grad_output, self._x, *self._args())
 
     def config(self) -> dict[str, Any]:
-        return {"kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
-                "padding": _json(self.padding), "ceil_mode": self.ceil_mode,
-                "count_include_pad": self.count_include_pad}
+        names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+        return {name: _json(value) for name, value in zip(names, self._args())}
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -173,14 +182,14 @@ class LeakyReLU(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._mask = x > 0
         out = x * self.negative_slope
-        # max(x, a*x) for a <= 1, min(x, a*x) for a > 1: one pass, no temporary.
+        # max(x, a*x) when a <= 1, min(x, a*x) when a > 1: one pass, no temporary.
         (np.maximum if self.negative_slope <= 1 else np.minimum)(out, x, out=out)
         return out
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         if not self.needs_input_grad:
             return None
-        grad_input = grad_output * self._mask
+        grad_input = grad_output * self._mask  # exact: g where x > 0, g * slope elsewhere
         grad_input += (grad_output * self.negative_slope) * ~self._mask
         return grad_input
 
@@ -228,7 +237,7 @@ class Linear(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         _check_dtype(self, x, self.weight.dtype)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear: expected input (..., {self.in_features}), got shape {x.shape}")
+            raise ValueError(f"Linear: expected input (..., {self.in_features}), got {x.shape}")
         self._x = x
         out = x @ self.weight.data.T
         if self.bias is not None:
@@ -247,12 +256,17 @@ class Linear(Module):
                 "bias": self.bias is not None, "dtype": str(self.weight.dtype)}
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
 
 
 @register
 class Dropout(Module):
-    """Zeroes each element with probability p in training, scaling the rest by 1 / (1 - p)."""
+    """Zeroes each element with probability p in training, scaling the rest by 1 / (1 - p).
+
+    The mask comes from `rng` (an int seed, a numpy Generator, or None for a fresh one);
+    in eval mode Dropout is the identity.
+    """
 
     def __init__(self, p: float = 0.5, *, rng=None):
         if not 0 <= p <= 1:
@@ -281,29 +295,29 @@ class Dropout(Module):
 
 
 class _BatchNorm(Module):
-    """Normalises each channel (axis 1) over all other axes, as torch's BatchNorm."""
+    """Normalises each channel (axis 1) over every other axis, as torch's BatchNorm: batch
+    statistics in training (biased variance to normalise, unbiased for running_var), running
+    statistics in eval mode (unless track_running_stats=False)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, *, dtype=np.float32):
+                 affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
+                 dtype=np.float32):
         self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         self.weight = Parameter(np.ones(num_features, dtype)) if affine else None
-        self.bias = Parameter(np.zeros(num_features, dtype)) if affine else None
+        self.bias = Parameter(np.zeros(num_features, dtype)) if affine and bias else None
         self.running_mean = self.running_var = self.num_batches_tracked = None
-        self._dtype = np.dtype(dtype)
         if track_running_stats:
             self.running_mean = np.zeros(num_features, dtype)
             self.running_var = np.ones(num_features, dtype)
             self.num_batches_tracked = np.array(0, dtype=np.int64)
             self._buffer_names = ("running_mean", "running_var", "num_batches_tracked")
-
-    def _check_input(self, x: np.ndarray) -> None:
-        raise NotImplementedError
+        self._dtype = np.dtype(dtype)  # used only when there are neither weights nor statistics
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._check_input(x)
-        if self._param_dtype() is not None:
-            _check_dtype(self, x, self._param_dtype())
+        if self.affine or self.track_running_stats:
+            _check_dtype(self, x, self.dtype)
         shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcasts a per-channel vector
         self._batch_stats = self.training or not self.track_running_stats
         if self._batch_stats:
@@ -311,7 +325,7 @@ class _BatchNorm(Module):
             if count < 2:
                 raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                                  f"when training, got input of shape {x.shape}")
-            mean = x.mean(axis=self._axes(x))
+            mean = x.mean(axis=(0, *range(2, x.ndim)))
             xhat = x - mean.reshape(shape)
             var = _channel_dot(xhat, xhat) / count  # biased, for normalising
             if self.track_running_stats:
@@ -325,7 +339,8 @@ class _BatchNorm(Module):
         if not self.affine:
             return xhat
         out = xhat * self.weight.data.reshape(shape)
-        out += self.bias.data.reshape(shape)
+        if self.bias is not None:
+            out += self.bias.data.reshape(shape)
         return out
 
     def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray) -> None:
@@ -337,17 +352,18 @@ class _BatchNorm(Module):
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         xhat, shape = self._xhat, (1, -1) + (1,) * (grad_output.ndim - 2)
-        grad_bias = grad_output.sum(axis=self._axes(grad_output))
+        grad_bias = grad_output.sum(axis=(0, *range(2, grad_output.ndim)))
         grad_weight = _channel_dot(grad_output, xhat)
         if self.affine:
             self.weight.accumulate(grad_weight)
+        if self.bias is not None:
             self.bias.accumulate(grad_bias)
         if not self.needs_input_grad:
             return None
-        scale = self._invstd if not self.affine else self.weight.data * self._invstd
+        scale = self.weight.data * self._invstd if self.affine else self._invstd
         if not self._batch_stats:  # the statistics are constants
             return grad_output * scale.reshape(shape)
-        # d/dx of (x - mean) * invstd, with mean and invstd depending on x.
+        # The batch's mean and variance depend on x too: subtract their share.
         count = grad_output.size // grad_output.shape[1]
         grad_input = xhat * (-grad_weight / count).reshape(shape)
         grad_input += grad_output
@@ -355,28 +371,28 @@ class _BatchNorm(Module):
         grad_input *= scale.reshape(shape)
         return grad_input
 
-    @staticmethod
-    def _axes(x: np.ndarray) -> tuple[int, ...]:
-        return (0, *range(2, x.ndim))
+    @property
+    def dtype(self) -> np.dtype:
+        if self.affine:
+            return self.weight.dtype
+        return self.running_mean.dtype if self.track_running_stats else self._dtype
 
     def config(self) -> dict[str, Any]:
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
                 "affine": self.affine, "track_running_stats": self.track_running_stats,
-                "dtype": str(self._dtype if self._param_dtype() is None else self._param_dtype())}
-
-    def _param_dtype(self) -> np.dtype | None:
-        """The dtype of the weights or running statistics (None when there are neither)."""
-        if self.affine:
-            return self.weight.dtype
-        return self.running_mean.dtype if self.track_running_stats else None
+                "bias": self.bias is not None, "dtype": str(self.dtype)}
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}")
+
+    def _check_input(self, x: np.ndarray) -> None:
+        raise NotImplementedError
 
 
 def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum over every axis but 1 of a * b, without a temporary the size of a."""
+    """Sum over every axis but 1 of a * b, without a temporary the size of a."""
     a3 = a.reshape(a.shape[0], a.shape[1], -1)
     return np.einsum("ncl,ncl->c", a3, b.reshape(a3.shape))
 
@@ -385,13 +401,13 @@ def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class BatchNorm2d(_BatchNorm):
     def _check_input(self, x: np.ndarray) -> None:
         if x.ndim != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"BatchNorm2d: expected input (N, {self.num_features}, H, W), got shape {x.shape}")
+            raise ValueError(f"BatchNorm2d: expected input (N, {self.num_features}, H, W), "
+                             f"got shape {x.shape}")
 
 
 @register
 class BatchNorm1d(_BatchNorm):
     def _check_input(self, x: np.ndarray) -> None:
         if x.ndim not in (2, 3) or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"BatchNorm1d: expected input (N, {self.num_features}) or (N, {self.num_features}, L), "
-                f"got shape {x.shape}")
+            raise ValueError(f"BatchNorm1d: expected input (N, {self.num_features}) or "
+                             f"(N, {self.num_features}, L), got shape {x.shape}")

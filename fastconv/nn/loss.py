@@ -19,7 +19,8 @@ class CrossEntropyLoss(Module):
 
     def __init__(self, label_smoothing: float = 0.0):
         if not 0 <= label_smoothing <= 1:
-            raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+            raise ValueError(
+                f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
         self._probs = None
 
@@ -49,7 +50,8 @@ class CrossEntropyLoss(Module):
     def backward(self, grad_output: float = 1.0) -> np.ndarray:
         """d loss / d logits = (softmax - smoothed one-hot) / N, times grad_output."""
         if self._probs is None:
-            raise RuntimeError("CrossEntropyLoss.backward: call the loss (forward) first, once per backward")
+            raise RuntimeError(
+                "CrossEntropyLoss.backward: call the loss first (one backward per forward)")
         grad, self._probs = self._probs, None  # reuse the softmax array: backward runs once
         n, classes = grad.shape
         if self.label_smoothing:

@@ -18,7 +18,7 @@ class Parameter:
     __slots__ = ("data", "grad")
 
     def __init__(self, data: np.ndarray):
-        self.data = data
+        self.data = np.asarray(data)
         self.grad: np.ndarray | None = None
 
     @property
@@ -30,7 +30,8 @@ class Parameter:
         return self.data.dtype
 
     def accumulate(self, grad: np.ndarray) -> None:
-        """grad += new gradient; the first gradient after zero_grad is stored, not copied."""
+        """grad += new gradient. The first one after zero_grad is stored, not copied: layers
+        pass arrays they own and never touch again."""
         if grad.dtype != self.data.dtype:
             grad = grad.astype(self.data.dtype)
         if self.grad is None:
@@ -164,9 +165,11 @@ class Module:
                 continue
             value = np.asarray(state[key])
             if value.shape != target.shape:
-                problems.append(f"{key}: shape {value.shape} in the state dict, {target.shape} in the model")
-            elif (value.dtype.kind == "f") != (target.dtype.kind == "f") or value.dtype.kind not in "fiu":
-                problems.append(f"{key}: dtype {value.dtype} in the state dict, {target.dtype} in the model")
+                problems.append(f"{key}: shape {value.shape} in the state dict, "
+                                f"{target.shape} in the model")
+            elif value.dtype.kind not in ("f" if target.dtype.kind == "f" else "iu"):
+                problems.append(f"{key}: dtype {value.dtype} in the state dict, "
+                                f"{target.dtype} in the model")
             values[key] = value
         if problems:
             raise ValueError("load_state_dict: " + "; ".join(problems))
@@ -183,7 +186,8 @@ class Module:
         return ""
 
     def __repr__(self) -> str:
-        lines = [f"({name}): " + repr(child).replace("\n", "\n  ") for name, child in self.named_children()]
+        lines = [f"({name}): " + repr(child).replace("\n", "\n  ")
+                 for name, child in self.named_children()]
         if not lines:
             return f"{type(self).__name__}({self.extra_repr()})"
         extra = [self.extra_repr()] if self.extra_repr() else []
@@ -264,7 +268,8 @@ def to_config(module: Module) -> dict[str, Any]:
         return {"type": "Sequential", "layers": [to_config(layer) for layer in module]}
     name = type(module).__name__
     if _LAYER_TYPES.get(name) is not type(module):
-        raise ValueError(f"to_config: {name} is not a registered layer type (see fastconv.nn.register)")
+        raise ValueError(f"to_config: {name} is not a registered layer type "
+                         "(see fastconv.nn.register)")
     return {"type": name, "config": module.config()}
 
 

@@ -9,15 +9,19 @@ State dicts are flat, {str: np.ndarray}, so that np.savez writes them without pi
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from ..nn.module import Parameter
+if TYPE_CHECKING:
+    from ..nn import Parameter
 
 
 class Optimizer:
-    """Holds param_groups (torch's list of dicts: "params" plus hyperparameters) and per-parameter state."""
+    """Holds param_groups (torch's: dicts of "params" and hyperparameters) and per-parameter state.
+
+    Subclasses implement `_update(param, grad, state, group)` for one parameter.
+    """
 
     def __init__(self, params: Iterable[Parameter] | Iterable[dict], defaults: dict[str, Any]):
         params = list(params)
@@ -25,7 +29,9 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: got an empty parameter list")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.defaults = defaults
-        self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
+        self.param_groups = [
+            {**defaults, **group, "params": list(group["params"])} for group in groups
+        ]
         self.state: dict[Parameter, dict[str, Any]] = {}
 
     @property
@@ -73,36 +79,34 @@ class Optimizer:
         return flat
 
     def load_state_dict(self, flat: dict[str, Any]) -> None:
-        """Restore a state_dict() (e.g. read back from .npz); checked fully before anything changes."""
+        """Restore a state_dict() (e.g. read back from .npz); all checked before anything changes.
+
+        Hyperparameters come back as Python numbers (tuples for 1-d arrays), state arrays as
+        copies in each parameter's dtype.
+        """
         params = self._params()
-        groups: dict[int, dict[str, Any]] = {}
-        states: dict[int, dict[str, Any]] = {}
+        groups: list[dict[str, Any]] = [{} for _ in self.param_groups]
+        states: dict[Parameter, dict[str, Any]] = {}
         for key, value in flat.items():
-            parts = key.split(".")
+            kind, index, name = _split_key(key, len(groups), len(params))
             value = np.asarray(value)
-            if len(parts) != 3 or parts[0] not in ("param_groups", "state") or not parts[1].isdigit():
-                raise ValueError(f"load_state_dict: unexpected key {key!r}")
-            index, name = int(parts[1]), parts[2]
-            if parts[0] == "param_groups":
-                if index >= len(self.param_groups):
-                    raise ValueError(f"load_state_dict: {key}: the optimizer has {len(self.param_groups)} groups")
-                groups.setdefault(index, {})[name] = value.item() if value.ndim == 0 else tuple(value.tolist())
+            if kind == "param_groups":
+                groups[index][name] = value.item() if value.ndim == 0 else tuple(value.tolist())
                 continue
-            if index >= len(params):
-                raise ValueError(f"load_state_dict: {key}: the optimizer has {len(params)} parameters")
-            if value.ndim and value.shape != params[index].shape:
-                raise ValueError(f"load_state_dict: {key}: shape {value.shape} in the state dict, "
-                                 f"{params[index].shape} for the parameter")
-            states.setdefault(index, {})[name] = (
-                value.item() if value.ndim == 0 else value.astype(params[index].dtype, copy=True))
-        for g, group in enumerate(self.param_groups):
-            saved = groups.get(g, {}).pop("params", None)
-            if saved is None or len(saved) != len(group["params"]):
-                raise ValueError(f"load_state_dict: group {g} has {len(group['params'])} parameters, "
-                                 f"the state dict {'none' if saved is None else len(saved)}")
-        for group, saved in zip(self.param_groups, (groups.get(g, {}) for g in range(len(self.param_groups)))):
+            param = params[index]
+            if value.ndim and value.shape != param.shape:
+                raise ValueError(f"load_state_dict: {key}: shape {value.shape} in the state "
+                                 f"dict, {param.shape} for the parameter")
+            value = value.item() if value.ndim == 0 else value.astype(param.dtype)  # a copy
+            states.setdefault(param, {})[name] = value
+        for g, (group, saved) in enumerate(zip(self.param_groups, groups)):
+            count = len(saved.pop("params", ()))
+            if count != len(group["params"]):
+                raise ValueError(f"load_state_dict: group {g} has {len(group['params'])} "
+                                 f"parameters, the state dict {count}")
+        for group, saved in zip(self.param_groups, groups):
             group.update(saved)
-        self.state = {params[i]: state for i, state in states.items()}
+        self.state = states
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -112,13 +116,26 @@ class Optimizer:
         return "\n".join(lines + [")"])
 
 
+def _split_key(key: str, groups: int, params: int) -> tuple[str, int, str]:
+    """"state.3.exp_avg" -> ("state", 3, "exp_avg"), checking the index exists."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] not in ("param_groups", "state") or not parts[1].isdigit():
+        raise ValueError(f"load_state_dict: unexpected key {key!r}")
+    limit = groups if parts[0] == "param_groups" else params
+    if int(parts[1]) >= limit:
+        raise ValueError(f"load_state_dict: {key}: the optimizer has {groups} groups of "
+                         f"{params} parameters")
+    return parts[0], int(parts[1]), parts[2]
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0):
         if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
+            raise ValueError(f"SGD: lr={lr}, momentum={momentum} and weight_decay={weight_decay} "
+                             "must be >= 0")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
@@ -149,7 +166,8 @@ class Adam(Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"{type(self).__name__}: invalid lr={lr}, betas={betas}, eps={eps} "
                              f"or weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
 
     def _update(self, p, grad, state, group):
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]

@@ -1,0 +1,651 @@
+"""The ``fastconv`` command: parse arguments, call the library, print.
+
+One small function per subcommand (``cmd_train``, ``cmd_evaluate``, ...) and one parser builder
+each (``add_train_parser``, ...); a new subcommand adds its pair and one line in
+:func:`build_parser`. Heavy modules are imported inside the command that needs them, so
+``fastconv --help`` and ``fastconv info`` start fast.
+
+Exit status: 0 success, 1 an error the user can fix (missing file, bad image, missing dataset,
+unwritable output: one line on stderr, no traceback), 2 bad command-line usage (argparse), 130
+interrupted (Ctrl-C; ``train`` saves a checkpoint first and says how to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "Ankle boot",
+]
+# Training settings that define a run: a resumed run must keep them (a checkpoint stores them).
+RUN_DEFAULTS = {
+    "dataset": "mnist", "arch": "digit-cnn", "epochs": 3, "batch_size": 128, "optimizer": "adamw",
+    "lr": None, "weight_decay": None, "momentum": 0.9, "schedule": "cosine", "augment": True,
+    "label_smoothing": 0.0, "seed": 0, "limit": None, "val_size": 5000, "patience": None,
+}
+DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 1e-2}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit status 1."""
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Parsers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastconv",
+        description="Train, evaluate and use small CNNs on the CPU (MNIST, Fashion-MNIST).",
+        epilog="Run 'fastconv COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastconv {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument(
+        "--threads", type=positive_int, metavar="N",
+        help="threads for the kernels and BLAS (default: $FASTCONV_NUM_THREADS or all cores)",
+    )
+    add_train_parser(commands, threads)
+    add_evaluate_parser(commands, threads)
+    add_predict_parser(commands, threads)
+    add_info_parser(commands)
+    return parser
+
+
+def add_train_parser(commands, threads) -> None:
+    p = commands.add_parser(
+        "train", parents=[threads], help="train a model and save it",
+        description=(
+            "Train a CNN (default: the digit CNN, about 99.2% on MNIST in 3 epochs) and save it "
+            "as one .npz. The last --val-size images of the training split are held out for "
+            "validation after each epoch; the test split is scored once at the end. A checkpoint "
+            "is written atomically after every epoch, every --checkpoint-every steps and on "
+            "Ctrl-C; --resume continues from it bit-for-bit (same --threads for identical "
+            "weights). A checkpoint that cannot be written (disk full, permissions) leaves the "
+            "previous one intact; a warning says so and training continues."
+        ),
+    )
+    run = p.add_argument_group("the run (a resumed run keeps the checkpoint's values)")
+    run.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
+                     help="training data (default: mnist)")
+    run.add_argument("--arch", help="architecture: digit-cnn (default) or lenet5")
+    run.add_argument("--epochs", type=positive_int, help="epochs (default: 3)")
+    run.add_argument("--batch-size", type=positive_int, metavar="N",
+                     help="mini-batch size (default: 128)")
+    run.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                     help="optimiser (default: adamw)")
+    run.add_argument("--lr", type=positive_float,
+                     help="peak learning rate (default: 0.002 for adam/adamw, 0.05 for sgd)")
+    run.add_argument("--weight-decay", type=non_negative_float, metavar="W",
+                     help="weight decay (default: 0.01 adamw, 0 adam, 0.0005 sgd)")
+    run.add_argument("--momentum", type=fraction, help="SGD momentum (default: 0.9)")
+    run.add_argument("--schedule", choices=["cosine", "step", "constant"],
+                     help="learning rate: cosine decay to 0 over all steps (default), step "
+                          "(x0.1 each third of the epochs) or constant")
+    run.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                     help="random shifts of up to 2 pixels (default: on)")
+    run.add_argument("--label-smoothing", type=fraction, metavar="EPS",
+                     help="label smoothing of the loss (default: 0)")
+    run.add_argument("--seed", type=non_negative_int,
+                     help="seed of initialisation, shuffling, dropout, augmentation (default: 0)")
+    run.add_argument("--limit", type=positive_int, metavar="N",
+                     help="train on the first N training images only (quick runs, tests)")
+    run.add_argument("--val-size", type=non_negative_int, metavar="N",
+                     help="training images held out for validation (default: 5000; 0: none)")
+    run.add_argument("--patience", type=positive_int, metavar="EPOCHS",
+                     help="stop early after EPOCHS epochs without a lower validation loss")
+    files = p.add_argument_group("files and output")
+    files.add_argument("--data-dir", metavar="DIR",
+                       help="folder with the IDX files (default: $FASTCONV_DATA_DIR, the cache)")
+    files.add_argument("--no-download", action="store_true",
+                       help="never download the dataset; fail if it is not found locally")
+    files.add_argument("--out", metavar="PATH",
+                       help="where to save the trained model (default: model.npz, or the "
+                            "resumed run's)")
+    files.add_argument("--checkpoint", metavar="PATH",
+                       help="checkpoint file (default: OUT with .ckpt.npz, e.g. model.ckpt.npz)")
+    files.add_argument("--checkpoint-every", type=non_negative_int, default=200, metavar="STEPS",
+                       help="also checkpoint every STEPS mini-batches (default: 200; 0: only "
+                            "at the end of each epoch and on Ctrl-C)")
+    files.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                       help="continue the run saved in CHECKPOINT (default: the --checkpoint path)")
+    files.add_argument("--test", action=argparse.BooleanOptionalAction, default=True,
+                       help="score the test split at the end and store it in the model (default: on)")
+    files.add_argument("--quiet", action="store_true",
+                       help="no progress bar and no per-epoch lines; errors only")
+    p.set_defaults(func=cmd_train)
+
+
+def add_evaluate_parser(commands, threads) -> None:
+    p = commands.add_parser(
+        "evaluate", parents=[threads], help="test accuracy, per-class accuracy, confusion matrix",
+        description="Score a saved model on the test split of its dataset: accuracy, loss, "
+                    "accuracy of each class and the confusion matrix.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
+                   help="test data (default: the dataset the model was trained on)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder with the IDX files")
+    p.add_argument("--no-download", action="store_true", help="never download the dataset")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="score the first N test images")
+    p.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
+                   help="images per forward pass (default: 500)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def add_predict_parser(commands, threads) -> None:
+    p = commands.add_parser(
+        "predict", parents=[threads], help="classify image files",
+        description="Classify PNG/JPEG/... images (any size or colour; dark-on-light or "
+                    "light-on-dark) with a saved model. Each image is framed as the model's "
+                    "training digits were (fastconv.preprocess). Prints one line per image: "
+                    "'FILE: CLASS (PROBABILITY) ...', most probable first.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
+    p.add_argument("images", metavar="IMAGE", nargs="+",
+                   help="image files, or folders (their image files, sorted by name)")
+    p.add_argument("--top", type=positive_int, default=3, metavar="K",
+                   help="classes shown per image (default: 3)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_predict)
+
+
+def add_info_parser(commands) -> None:
+    p = commands.add_parser(
+        "info", help="version, compiled features, threads, BLAS",
+        description="Show the fastconv version, whether the kernels were compiled with OpenMP, "
+                    "the thread count, the compiler flags and the BLAS library in use.",
+    )
+    p.add_argument("--json", action="store_true", help="print the information as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        if getattr(args, "threads", None) is not None:
+            from . import set_num_threads
+
+            set_num_threads(args.threads)
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except (UserError, OSError, ValueError, TypeError) as err:
+        if os.environ.get("FASTCONV_TRACEBACK"):
+            raise
+        _error(_one_line(err))
+        return EXIT_ERROR
+    finally:
+        warnings.showwarning = previous_showwarning
+
+
+def _error(message: str) -> None:
+    print(f"fastconv: error: {message}", file=sys.stderr)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) if not isinstance(err, OSError) or not err.filename else (
+        f"{err.filename}: {err.strerror}"
+    )
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(err).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"fastconv: warning: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args) -> int:
+    from . import io, models, optim
+    from .train import Trainer, TrainingInterrupted, evaluate, random_shift, split_validation
+
+    resumed = None
+    if args.resume is not None:
+        # Without a path: the --checkpoint given, else the one of --out (default model.npz).
+        resume_path = Path(
+            args.resume or args.checkpoint or _default_checkpoint(Path(args.out or "model.npz"))
+        )
+        resumed = io.load_checkpoint(resume_path)
+        config = _resumed_config(args, resumed, resume_path)
+        files = resumed.extra.get("files") or {}
+        # The resumed run keeps its output, data folder and download choice unless told otherwise.
+        args.out = args.out or files.get("out")
+        args.data_dir = args.data_dir or files.get("data_dir")
+        args.no_download = args.no_download or bool(files.get("no_download"))
+        checkpoint = Path(args.checkpoint) if args.checkpoint else resume_path
+    else:
+        config = _fresh_config(args)
+    out = Path(args.out or "model.npz")
+    if resumed is None:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else _default_checkpoint(out)
+    _check_writable_folder(out, "--out")
+    _check_writable_folder(checkpoint, "--checkpoint")
+    files = {
+        "out": str(out.resolve()),
+        "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        "no_download": args.no_download,
+    }
+
+    spec = _dataset_spec(config["dataset"])
+    x, y = _load_dataset(config["dataset"], "train", args.data_dir, not args.no_download)
+    if config["val_size"] >= len(x):
+        raise UserError(f"--val-size {config['val_size']} leaves no training images")
+    (x, y), (x_val, y_val) = split_validation(x, y, config["val_size"])
+    if config["limit"] is not None:
+        x, y = x[: config["limit"]], y[: config["limit"]]
+    validation = (x_val, y_val) if len(x_val) else None
+    if config["patience"] is not None and validation is None:
+        raise UserError("--patience needs validation data (--val-size > 0)")
+    if len(x) < 2:
+        raise UserError("need at least 2 training images")
+
+    if resumed is not None:
+        model = resumed.build_model()
+    else:
+        model = models.create(config["arch"], num_classes=len(spec["classes"]), seed=config["seed"])
+    optimizer = _make_optimizer(optim, model, config)
+    steps_per_epoch = -(-len(x) // config["batch_size"])
+    scheduler = _make_scheduler(optim, optimizer, config, steps_per_epoch)
+    augment = random_shift if config["augment"] else None
+    quiet = args.quiet
+    trainer = Trainer(
+        model, optimizer, _make_loss(config), scheduler=scheduler, scheduler_interval="step",
+        batch_size=config["batch_size"], seed=config["seed"], augment=augment,
+        checkpoint=checkpoint, checkpoint_every=args.checkpoint_every or None,
+        extra={"config": config, "threads": _threads(), "files": files}, progress=not quiet,
+        log=None if quiet else print,
+    )
+    if resumed is not None:
+        trainer.resume(resumed)
+        if not quiet:
+            print(f"resuming {resume_path} at epoch {trainer.epoch + 1}, step {trainer.step}")
+    elif not quiet:
+        held = f", {len(x_val):,} held out for validation" if validation else ""
+        print(
+            f"training {config['arch']} on {spec['title']}: {len(x):,} images{held}; "
+            f"{config['epochs']} epochs, batch {config['batch_size']}, {config['optimizer']} "
+            f"lr {config['lr']:g}, {_plural(_threads(), 'thread')}; checkpoint {checkpoint}"
+        )
+    started = time.perf_counter()
+    try:
+        history = trainer.fit(x, y, config["epochs"], validation, config["patience"])
+    except TrainingInterrupted as stop:
+        where = f"epoch {stop.epoch + 1}, step {stop.step}"
+        if stop.checkpoint is not None:
+            print(f"interrupted at {where}; checkpoint saved to {stop.checkpoint}\n"
+                  f"resume with: fastconv train --resume {stop.checkpoint}", file=sys.stderr)
+        else:
+            print(f"interrupted at {where}; no checkpoint saved: {stop.error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    elapsed = time.perf_counter() - started
+
+    meta = {
+        "dataset": config["dataset"], "classes": spec["classes"], "input_shape": [1, 28, 28],
+        "mean": spec["mean"], "std": spec["std"], "architecture": config["arch"],
+        "training": config, "history": history.to_dict(),
+    }
+    if args.test:
+        x_test, y_test = _load_dataset(config["dataset"], "test", args.data_dir, not args.no_download)
+        result = evaluate(model, x_test, y_test)
+        meta["test_accuracy"] = result.accuracy
+        meta["test_loss"] = result.loss
+    io.save_model(model, out, meta)
+    if not quiet:
+        score = f"; test accuracy {meta['test_accuracy']:.2%}" if args.test else ""
+        print(f"saved {out} after {len(history)} epochs ({elapsed:.1f} s){score}")
+    return 0
+
+
+def _fresh_config(args) -> dict:
+    config = {name: getattr(args, name) for name in RUN_DEFAULTS}
+    for name, default in RUN_DEFAULTS.items():
+        if config[name] is None:
+            config[name] = default
+    from . import models
+
+    if config["arch"] not in models.ARCHITECTURES:
+        raise UserError(
+            f"--arch: unknown architecture {config['arch']!r}; "
+            f"choose from {', '.join(sorted(models.ARCHITECTURES))}"
+        )
+    if config["lr"] is None:
+        config["lr"] = DEFAULT_LR[config["optimizer"]]
+    if config["weight_decay"] is None:
+        config["weight_decay"] = DEFAULT_WEIGHT_DECAY[config["optimizer"]]
+    return config
+
+
+def _resumed_config(args, checkpoint, path) -> dict:
+    config = checkpoint.extra.get("config")
+    if not isinstance(config, dict) or set(config) != set(RUN_DEFAULTS):
+        raise UserError(f"{path}: not a checkpoint of 'fastconv train' (no run settings)")
+    for name in RUN_DEFAULTS:
+        given = getattr(args, name)
+        if given is not None and given != config[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} {given} differs from the checkpoint's {config[name]}; a resumed run "
+                f"keeps its settings (omit {flag}, or start a new run without --resume)"
+            )
+    saved_threads = checkpoint.extra.get("threads")
+    if saved_threads is not None and saved_threads != _threads():
+        print(f"note: the run used {saved_threads} threads, this one {_threads()}; the final "
+              "weights may differ in the last bits from an uninterrupted run", file=sys.stderr)
+    return dict(config)
+
+
+def _make_optimizer(optim, model, config):
+    params, lr, decay = model.parameters(), config["lr"], config["weight_decay"]
+    if config["optimizer"] == "sgd":
+        return optim.SGD(params, lr=lr, momentum=config["momentum"], nesterov=config["momentum"] > 0,
+                         weight_decay=decay)
+    if config["optimizer"] == "adam":
+        return optim.Adam(params, lr=lr, weight_decay=decay)
+    return optim.AdamW(params, lr=lr, weight_decay=decay)
+
+
+def _make_scheduler(optim, optimizer, config, steps_per_epoch):
+    total = config["epochs"] * steps_per_epoch
+    if config["schedule"] == "cosine":
+        return optim.CosineAnnealingLR(optimizer, T_max=total)
+    if config["schedule"] == "step":
+        return optim.StepLR(optimizer, step_size=max(1, total // 3), gamma=0.1)
+    return None
+
+
+def _make_loss(config):
+    from .nn import CrossEntropyLoss
+
+    return CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+
+
+def _default_checkpoint(out: Path) -> Path:
+    name = out.name[: -len(".npz")] if out.name.endswith(".npz") else out.name
+    return out.with_name(name + ".ckpt.npz")
+
+
+def _check_writable_folder(path: Path, flag: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder, expected a file path")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _threads() -> int:
+    from . import get_num_threads
+
+    return get_num_threads()
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def cmd_evaluate(args) -> int:
+    from . import io
+    from .train import evaluate
+
+    model, meta = io.load_model(args.model)
+    dataset = args.dataset or meta.get("dataset") or "mnist"
+    if dataset not in ("mnist", "fashion-mnist"):
+        raise UserError(f"{args.model}: trained on {dataset!r}; pass --dataset mnist|fashion-mnist")
+    spec = _dataset_spec(dataset)
+    x, y = _load_dataset(dataset, "test", args.data_dir, not args.no_download)
+    if args.limit is not None:
+        x, y = x[: args.limit], y[: args.limit]
+    result = evaluate(model, x, y, batch_size=args.batch_size)
+    classes = meta.get("classes") or [str(i) for i in range(result.confusion.shape[0])]
+    if args.json:
+        print(json.dumps({"model": str(args.model), "dataset": dataset, "classes": classes,
+                          **result.to_dict()}))
+        return 0
+    print(f"{args.model} on {spec['title']} test ({result.count:,} images): "
+          f"accuracy {result.accuracy:.2%}, loss {result.loss:.4f}")
+    print("per-class accuracy:")
+    width = max(len(c) for c in classes)
+    totals = result.confusion.sum(axis=1)
+    for i, (name, accuracy) in enumerate(zip(classes, result.per_class_accuracy)):
+        shown = "   n/a" if accuracy != accuracy else f"{accuracy:7.2%}"
+        print(f"  {i:>2} {name:<{width}}  {shown}  ({totals[i]} images)")
+    print("confusion matrix (rows: true class, columns: predicted class):")
+    print(_format_matrix(result.confusion))
+    return 0
+
+
+def _format_matrix(matrix) -> str:
+    cell = max(len(str(int(matrix.max()))), 2) + 1
+    header = "    " + "".join(f"{j:>{cell}}" for j in range(matrix.shape[1]))
+    rows = [f"{i:>3} " + "".join(f"{int(v):>{cell}}" for v in row) for i, row in enumerate(matrix)]
+    return "\n".join([header, *rows])
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from . import io, preprocess
+    from .train import predict_proba
+
+    model, meta = io.load_model(args.model)
+    shape = meta.get("input_shape") or [1, 28, 28]
+    if shape[0] != 1 or shape[1] != shape[2]:
+        raise UserError(f"{args.model}: predict needs a one-channel square input, the model "
+                        f"takes {shape}")
+    classes = meta.get("classes")
+    mean = meta.get("mean", 0.0)
+    std = meta.get("std", 1.0)
+    files = _image_files(args.images)
+    inputs, names, failures = [], [], 0
+    for path in files:
+        try:
+            inputs.append(preprocess.to_mnist_input(path, size=shape[1], mean=mean, std=std))
+            names.append(str(path))
+        except (OSError, ValueError, TypeError) as err:
+            _error(_one_line(err) if str(path) in str(err) else f"{path}: {_one_line(err)}")
+            failures += 1
+    results = []
+    if inputs:
+        probabilities = predict_proba(model, np.stack(inputs))
+        if classes is None:
+            classes = [str(i) for i in range(probabilities.shape[1])]
+        top = min(args.top, probabilities.shape[1])
+        for name, probs in zip(names, probabilities):
+            order = np.argsort(-probs, kind="stable")[:top]
+            results.append((name, [(int(i), classes[i], float(probs[i])) for i in order]))
+    if args.json:
+        print(json.dumps([
+            {"file": name, "top": [{"class": i, "label": label, "probability": p}
+                                   for i, label, p in ranked]}
+            for name, ranked in results
+        ]))
+    else:
+        for name, ranked in results:
+            print(f"{name}: " + "  ".join(f"{label} ({p:.2f})" for _, label, p in ranked))
+    return EXIT_ERROR if failures else 0
+
+
+def _image_files(arguments) -> list[Path]:
+    files = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{path}: no image files in this folder "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# info
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import numpy as np
+
+    import fastconv
+    from fastconv import _conv
+    from fastconv.threads import available_cores
+
+    blas = []
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [
+            {key: pool.get(key) for key in
+             ("user_api", "internal_api", "version", "num_threads", "threading_layer", "filepath")}
+            for pool in threadpool_info()
+        ]
+    except ImportError:
+        pass
+    info = {
+        "fastconv": fastconv.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "openmp": bool(getattr(_conv, "openmp", False)),
+        "threads": fastconv.get_num_threads(),
+        "cores": available_cores(),
+        "FASTCONV_NUM_THREADS": os.environ.get("FASTCONV_NUM_THREADS"),
+        "cflags": getattr(_conv, "cflags", None),
+        "thread_pools": blas,
+    }
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"fastconv {info['fastconv']} (Python {info['python']}, NumPy {info['numpy']})")
+    print(f"OpenMP:          {'yes' if info['openmp'] else 'no (kernels run single-threaded)'}")
+    env = f", FASTCONV_NUM_THREADS={info['FASTCONV_NUM_THREADS']}" if info["FASTCONV_NUM_THREADS"] else ""
+    print(f"threads:         {info['threads']} (of {info['cores']} cores{env})")
+    print(f"compiler flags:  {info['cflags']}")
+    for pool in blas:
+        api = "BLAS" if pool["user_api"] == "blas" else pool["user_api"]
+        details = ", ".join(f"{k} {pool[k]}" for k in ("version", "threading_layer", "num_threads")
+                            if pool.get(k) is not None)
+        print(f"{api + ':':<17}{pool['internal_api']} ({details}) {pool['filepath']}")
+    if not blas:
+        print("BLAS:            unknown (threadpoolctl not installed); see numpy.show_config()")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _dataset_spec(name: str) -> dict:
+    from . import datasets
+
+    if name == "mnist":
+        return {"title": "MNIST", "classes": [str(i) for i in range(10)],
+                "mean": datasets.MNIST_MEAN, "std": datasets.MNIST_STD}
+    return {"title": "Fashion-MNIST", "classes": list(FASHION_CLASSES),
+            "mean": datasets.FASHION_MNIST_MEAN, "std": datasets.FASHION_MNIST_STD}
+
+
+def _load_dataset(name: str, split: str, data_dir, download: bool):
+    from . import datasets
+
+    loader = datasets.mnist if name == "mnist" else datasets.fashion_mnist
+    return loader(split, data_dir=data_dir, download=download)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
