@@ -56,6 +56,7 @@ extensions = [
     Extension(
         f"fastconv.{name}",
         [f"src/{name}.pyx"],
+        depends=["src/common.pxd"],
         include_dirs=[np.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

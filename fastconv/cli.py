@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands, threads)
     add_evaluate_parser(commands, threads)
     add_predict_parser(commands, threads)
+    add_show_parser(commands, threads)
+    add_serve_parser(commands, threads)
     add_info_parser(commands)
     return parser
 
@@ -182,6 +184,9 @@ def add_train_parser(commands, threads) -> None:
                        help="score the test split at the end and store it in the model (default: on)")
     files.add_argument("--quiet", action="store_true",
                        help="no progress bar and no per-epoch lines; errors only")
+    files.add_argument("--plot", action="store_true",
+                       help="draw the loss and accuracy curves to curves.png beside --out, "
+                            "refreshed after every epoch (needs matplotlib)")
     p.set_defaults(func=cmd_train)
 
 
@@ -200,6 +205,9 @@ def add_evaluate_parser(commands, threads) -> None:
     p.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
                    help="images per forward pass (default: 500)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="DIR",
+                   help="also draw the report to DIR/evaluation.png: confusion matrix, accuracy "
+                        "per class, the most confident mistakes (needs matplotlib)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -218,6 +226,38 @@ def add_predict_parser(commands, threads) -> None:
                    help="classes shown per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_predict)
+
+
+def add_show_parser(commands, threads) -> None:
+    p = commands.add_parser(
+        "show", parents=[threads], help="draw what a model learned and how it sees an image",
+        description="Draw the first conv layer's filters (DIR/filters.png) and, for one image "
+                    "framed as 'fastconv predict' frames it, the activations of every conv layer "
+                    "(DIR/feature-maps.png); print the image's top classes. Needs matplotlib.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
+    p.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
+    p.add_argument("--out", default=".", metavar="DIR",
+                   help="folder for the pictures (default: the current folder)")
+    p.set_defaults(func=cmd_show)
+
+
+def add_serve_parser(commands, threads) -> None:
+    p = commands.add_parser(
+        "serve", parents=[threads], help="web page: draw a digit, see the model's answer",
+        description="Serve a page where you draw a digit (mouse, pen or finger) or upload an "
+                    "image and watch the model's probabilities, and its JSON API: POST "
+                    "/api/predict with a PNG or JPEG body, GET /api/model. Images are framed as "
+                    "in 'fastconv predict'. Needs starlette and uvicorn.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; "
+                        "0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-body", type=positive_int, metavar="BYTES",
+                   help="largest image accepted, in bytes (default: 5242880, 5 MiB)")
+    p.set_defaults(func=cmd_serve)
 
 
 def add_info_parser(commands) -> None:
@@ -301,6 +341,9 @@ def cmd_train(args) -> int:
         checkpoint = Path(args.checkpoint) if args.checkpoint else _default_checkpoint(out)
     _check_writable_folder(out, "--out")
     _check_writable_folder(checkpoint, "--checkpoint")
+    curves = out.with_name("curves.png") if args.plot else None
+    if curves is not None:
+        _plots()  # without matplotlib, say so now rather than after training
     files = {
         "out": str(out.resolve()),
         "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
@@ -334,7 +377,7 @@ def cmd_train(args) -> int:
         batch_size=config["batch_size"], seed=config["seed"], augment=augment,
         checkpoint=checkpoint, checkpoint_every=args.checkpoint_every or None,
         extra={"config": config, "threads": _threads(), "files": files}, progress=not quiet,
-        log=None if quiet else print,
+        log=_curves_writer(lambda: trainer.history, curves, None if quiet else print),
     )
     if resumed is not None:
         trainer.resume(resumed)
@@ -371,9 +414,13 @@ def cmd_train(args) -> int:
         meta["test_accuracy"] = result.accuracy
         meta["test_loss"] = result.loss
     io.save_model(model, out, meta)
+    if curves is not None:
+        history.plot(curves)
     if not quiet:
         score = f"; test accuracy {meta['test_accuracy']:.2%}" if args.test else ""
         print(f"saved {out} after {len(history)} epochs ({elapsed:.1f} s){score}")
+        if curves is not None:
+            print(f"training curves: {curves}")
     return 0
 
 
@@ -474,6 +521,7 @@ def cmd_evaluate(args) -> int:
     from .train import evaluate
 
     model, meta = io.load_model(args.model)
+    plots = _plots() if args.plot else None
     dataset = args.dataset or meta.get("dataset") or "mnist"
     if dataset not in ("mnist", "fashion-mnist"):
         raise UserError(f"{args.model}: trained on {dataset!r}; pass --dataset mnist|fashion-mnist")
@@ -483,6 +531,8 @@ def cmd_evaluate(args) -> int:
         x, y = x[: args.limit], y[: args.limit]
     result = evaluate(model, x, y, batch_size=args.batch_size)
     classes = meta.get("classes") or [str(i) for i in range(result.confusion.shape[0])]
+    if plots is not None:
+        report = _write_report(model, x, y, classes, spec, Path(args.plot), plots)
     if args.json:
         print(json.dumps({"model": str(args.model), "dataset": dataset, "classes": classes,
                           **result.to_dict()}))
@@ -497,6 +547,8 @@ def cmd_evaluate(args) -> int:
         print(f"  {i:>2} {name:<{width}}  {shown}  ({totals[i]} images)")
     print("confusion matrix (rows: true class, columns: predicted class):")
     print(_format_matrix(result.confusion))
+    if plots is not None:
+        print(f"report: {report}")
     return 0
 
 
@@ -571,6 +623,88 @@ def _image_files(arguments) -> list[Path]:
         else:
             raise UserError(f"{path}: no such file or folder")
     return files
+
+
+# --------------------------------------------------------------------------------------------
+# show, serve, and the pictures of train --plot and evaluate --plot
+
+
+def cmd_show(args) -> int:
+    from . import io, preprocess
+    from .train import predict_proba
+
+    plots = _plots()
+    model, meta = io.load_model(args.model)
+    shape = meta.get("input_shape") or [1, 28, 28]
+    if shape[0] != 1 or shape[1] != shape[2]:
+        raise UserError(f"{args.model}: show needs a one-channel square input, the model "
+                        f"takes {shape}")
+    mean, std = meta.get("mean", 0.0), meta.get("std", 1.0)
+    x = preprocess.to_mnist_input(args.image, size=shape[1], mean=mean, std=std)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, expected a folder")
+    filters = plots.plot_filters(model, out / "filters.png")
+    maps = plots.plot_feature_maps(model, x, out / "feature-maps.png", image=x * std + mean)
+    probabilities = predict_proba(model, x[None])[0]
+    classes = meta.get("classes") or [str(i) for i in range(len(probabilities))]
+    ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:3]
+    print(f"{args.image}: " + "  ".join(f"{classes[i]} ({probabilities[i]:.2f})" for i in ranked))
+    print(f"wrote {out / 'filters.png'} ({len(filters)} filters) and {out / 'feature-maps.png'} "
+          f"({len(maps)} conv layers)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from . import serve
+
+        serve.require_dependencies()
+    except ImportError as err:
+        raise UserError(str(err)) from None
+    options = {} if args.max_body is None else {"max_body": args.max_body}
+    app = serve.create_app(args.model, **options)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.model} at http://{host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    serve.serve_app(app, host=args.host, port=args.port)
+    return 0
+
+
+def _plots():
+    """fastconv.plots, or a one-line error saying how to install matplotlib."""
+    from . import plots
+
+    try:
+        plots.require_matplotlib()
+    except ImportError as err:
+        raise UserError(str(err)) from None
+    return plots
+
+
+def _write_report(model, x, y, classes, spec, folder: Path, plots) -> Path:
+    """The evaluation report of ``model`` on normalised ``x`` as ``folder/evaluation.png``."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--plot {folder}: is a file, expected a folder")
+    path = folder / "evaluation.png"
+    pixels = x * spec["std"] + spec["mean"]  # the digits as they look, not as normalised
+    plots.plot_evaluation(model, x, y, path, images=pixels, classes=classes)
+    return path
+
+
+def _curves_writer(history_of, path: Path | None, log):
+    """The per-epoch line for Trainer's ``log``: print it, then redraw the curves (a picture
+    that cannot be written is a warning; training goes on)."""
+
+    def on_epoch(line: str) -> None:
+        if log is not None:
+            log(line)
+        if path is not None:
+            try:
+                history_of().plot(path)
+            except OSError as err:
+                warnings.warn(f"cannot write {path}: {_one_line(err)}", stacklevel=2)
+
+    return on_epoch
 
 
 # --------------------------------------------------------------------------------------------

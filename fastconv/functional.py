@@ -141,8 +141,9 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
             w.dtype, (threads, *weight_by_group.shape), (threads, rows, positions)
         )
         partial[...] = 0
+        unused = np.empty((1, 1, 1, 1), w.dtype)  # the kernel wants a writable array even if unused
         _conv.conv2d_backward(
-            grad, a.x, weight_by_group, grad_input if want_input else a.x[:0], partial,
+            grad, a.x, weight_by_group, grad_input if want_input else unused, partial,
             workspace, g.kernel_args, want_input, want_weight, threads,
         )
         grad_weight = partial.sum(axis=0)
@@ -196,10 +197,16 @@ def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dil
     else:
         indices = _args.pool_indices(indices, shape, g, a.unbatched)
     grad_input = np.empty_like(a.x)
-    flat = (g.n * g.c_in, -1)
-    _pool.max_pool2d_backward(
-        grad.reshape(flat), indices.reshape(flat), grad_input.reshape(flat), get_num_threads()
+    planes, positions = g.n * g.c_in, g.out_h * g.out_w
+    out_of_range = _pool.max_pool2d_backward(
+        grad.reshape(planes, positions), indices.reshape(planes, positions),
+        grad_input.reshape(planes, g.h * g.w), get_num_threads(),
     )
+    if out_of_range:
+        raise ValueError(
+            f"indices: {out_of_range} values lie outside [-1, {g.h * g.w}) for input planes of "
+            f"{g.h}x{g.w}"
+        )
     return _finish(grad_input, a.unbatched)
 
 

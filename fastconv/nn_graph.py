@@ -412,7 +412,9 @@ class BatchNorm(Op):
     def backward(self, grad, needs):
         axes = (0, *range(2, grad.ndim))
         gx = grad * self._scale if needs[0] else None
-        gscale = np.einsum("nc...,nc...->c", grad, self._xhat) if needs[1] else None
+        n, c = grad.shape[:2]
+        gscale = (np.einsum("ncl,ncl->c", grad.reshape(n, c, -1), self._xhat.reshape(n, c, -1))
+                  if needs[1] else None)
         gbias = grad.sum(axis=axes) if needs[2] else None
         return gx, gscale, gbias, None, None
 
@@ -420,7 +422,9 @@ class BatchNorm(Op):
 # -- shapes -------------------------------------------------------------------------------------
 
 class Identity(Op):
-    def forward(self, x):
+    """Also Dropout's inference form, which ignores its ratio and training_mode inputs."""
+
+    def forward(self, x, *_):
         return x
 
     def backward(self, grad, needs):
@@ -635,6 +639,8 @@ class Graph(Module):
         self._buffers = dict(buffers or {})
         self._constants = dict(constants or {})
         self.needs_input_grad = needs_input_grad
+        self.meta: dict = {}  # what the model file says about its inputs and outputs (classes...)
+        self.source = None  # set by fastconv.onnx.load: what fastconv.onnx.save writes back
         self._check()
 
     def _check(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = [
-    "MissingMatplotlib", "plot_history", "Mistake", "Report", "evaluation_report",
+    "MissingMatplotlib", "require_matplotlib", "plot_history", "Mistake", "Report", "evaluation_report",
     "plot_report", "plot_evaluation", "plot_filters", "plot_feature_maps", "feature_maps",
     "plot_benchmark",
 ]
@@ -32,6 +32,14 @@ _TRAIN, _VAL = "#1f77b4", "#d62728"
 
 class MissingMatplotlib(ImportError):
     """matplotlib is not installed; the message is one line saying how to install it."""
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`MissingMatplotlib` now if plotting would fail later (commands check first)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingMatplotlib(INSTALL_HINT) from None
 
 
 def _figure(width: float, height: float):

@@ -128,6 +128,8 @@ def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dil
         indices = _max_pool(a)[1]
     else:
         indices = _args.pool_indices(indices, shape, g, a.unbatched)
+        if indices.size and (indices.min() < -1 or indices.max() >= g.h * g.w):
+            raise ValueError(f"indices: values must lie in [-1, {g.h * g.w}) for input planes of {g.h}x{g.w}")
     grad_input = np.zeros((g.n * g.c_in, g.h * g.w), dtype=a.x.dtype)
     planes = np.repeat(np.arange(g.n * g.c_in), g.out_h * g.out_w)
     # index -1: a window that saw no input element (only padding) passes no gradient, as torch

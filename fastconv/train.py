@@ -92,6 +92,12 @@ class History:
     def to_dict(self) -> dict[str, list]:
         return {name: self[name] for name in self.COLUMNS}
 
+    def plot(self, path) -> Path:
+        """Loss and accuracy per epoch, train and validation, as one PNG (needs matplotlib)."""
+        from .plots import plot_history
+
+        return plot_history(self, path)
+
     @classmethod
     def from_dict(cls, data: dict) -> History:
         if not isinstance(data, dict):

@@ -16,7 +16,7 @@ the process, and no GIL around the call.
 from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t
 
-from fused_types cimport real
+from common cimport real, valid_range
 
 cdef extern from *:
     """
@@ -34,20 +34,6 @@ cdef extern from *:
 
 openmp = bool(FASTCONV_OPENMP)
 cflags = FASTCONV_CFLAGS.decode()
-
-
-cdef inline void _valid_range(Py_ssize_t offset, Py_ssize_t stride, Py_ssize_t size,
-                              Py_ssize_t count, Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
-    """Output positions o in [lo, hi) with 0 <= o * stride + offset < size."""
-    cdef Py_ssize_t first = 0, last = count
-    if offset < 0:
-        first = (-offset + stride - 1) // stride
-    if (count - 1) * stride + offset >= size:
-        last = (size - 1 - offset) // stride + 1 if size - 1 - offset >= 0 else 0
-    if last < first:
-        last = first
-    lo[0] = first
-    hi[0] = last
 
 
 
@@ -73,7 +59,7 @@ cdef void _im2col(const real *x, real *cols, Geometry g) noexcept nogil:
         i = (r // g.kw) % g.kh
         j = r % g.kw
         w_off = j * g.dw - g.pw
-        _valid_range(w_off, g.sw, g.width, g.out_w, &lo, &hi)
+        valid_range(w_off, g.sw, g.width, g.out_w, &lo, &hi)
         for oh in range(g.out_h):
             dst = cols + r * positions + oh * g.out_w
             h = oh * g.sh - g.ph + i * g.dh
@@ -107,7 +93,7 @@ cdef void _col2im(const real *cols, real *x, Geometry g) noexcept nogil:
         i = (r // g.kw) % g.kh
         j = r % g.kw
         w_off = j * g.dw - g.pw
-        _valid_range(w_off, g.sw, g.width, g.out_w, &lo, &hi)
+        valid_range(w_off, g.sw, g.width, g.out_w, &lo, &hi)
         for oh in range(g.out_h):
             h = oh * g.sh - g.ph + i * g.dh
             if h < 0 or h >= g.height:

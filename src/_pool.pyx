@@ -14,7 +14,7 @@ from cython.parallel cimport prange
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 
-from fused_types cimport real
+from common cimport real, valid_range
 
 
 cdef struct Pool:
@@ -32,21 +32,20 @@ cdef Pool _pool(Py_ssize_t height, Py_ssize_t width, Py_ssize_t out_h, Py_ssize_
 
 
 cdef void _max_plane(const real *x, real *out, int64_t *indices, Pool g) noexcept nogil:
-    cdef Py_ssize_t oh, ow, i, j, h, w, best_index
+    cdef Py_ssize_t oh, ow, i, j, h, w, best_index, i0 = 0, i1 = 0, j0 = 0, j1 = 0
     cdef real best, value
     cdef bint take
     for oh in range(g.out_h):
+        # only the taps that land inside the plane: kernels may be far larger than the input
+        valid_range(oh * g.sh - g.ph, g.dh, g.height, g.kh, &i0, &i1)
         for ow in range(g.out_w):
+            valid_range(ow * g.sw - g.pw, g.dw, g.width, g.kw, &j0, &j1)
             best = -INFINITY
             best_index = -1
-            for i in range(g.kh):
+            for i in range(i0, i1):
                 h = oh * g.sh - g.ph + i * g.dh
-                if h < 0 or h >= g.height:
-                    continue
-                for j in range(g.kw):
+                for j in range(j0, j1):
                     w = ow * g.sw - g.pw + j * g.dw
-                    if w < 0 or w >= g.width:
-                        continue
                     value = x[h * g.width + w]
                     # torch: the first in-bounds element starts the window, then NaN or
                     # greater wins. Selects, not branches: random data mispredicts.
@@ -85,9 +84,7 @@ def max_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, int64_t[:, 
                        tuple args, int num_threads):
     """args: (kh, kw, sh, sw, ph, pw, dh, dw)."""
     cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args)
-    cdef bint interior = (g.ph == 0 and g.pw == 0
-                          and (g.out_h - 1) * g.sh + (g.kh - 1) * g.dh < g.height
-                          and (g.out_w - 1) * g.sw + (g.kw - 1) * g.dw < g.width)
+    cdef bint interior = _interior(g)
     cdef Py_ssize_t plane
     for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
         if interior:
@@ -98,9 +95,14 @@ def max_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, int64_t[:, 
 
 def max_pool2d_backward(const real[:, ::1] grad_output, const int64_t[:, ::1] indices,
                         real[:, ::1] grad_input, int num_threads):
-    """grad_input[plane, indices[plane, k]] += grad_output[plane, k]; overwrites grad_input."""
+    """grad_input[plane, indices[plane, k]] += grad_output[plane, k]; overwrites grad_input.
+
+    Indices may come from the caller, so each is range-checked here, where it is read anyway
+    (a separate pass would read them twice): returns how many were out of range and skipped.
+    """
     cdef Py_ssize_t planes = grad_input.shape[0], size = grad_input.shape[1]
-    cdef Py_ssize_t count = grad_output.shape[1], plane, k
+    cdef Py_ssize_t count = grad_output.shape[1], plane, k, bad = 0
+    cdef int64_t at
     cdef real *dst
     cdef const real *src
     cdef const int64_t *where
@@ -111,7 +113,13 @@ def max_pool2d_backward(const real[:, ::1] grad_output, const int64_t[:, ::1] in
         for k in range(size):
             dst[k] = 0
         for k in range(count):
-            dst[where[k]] += src[k]
+            at = where[k]
+            if at < 0 or at >= size:
+                if at != -1:  # -1: a window that held no input element, nothing to route
+                    bad += 1
+            else:
+                dst[at] += src[k]
+    return bad
 
 
 cdef inline Py_ssize_t _window(Py_ssize_t o, Py_ssize_t stride, Py_ssize_t pad, Py_ssize_t kernel,
@@ -161,13 +169,52 @@ cdef void _avg_plane_backward(const real *grad, real *grad_input, Pool g) noexce
                     grad_input[h * g.width + w] += share
 
 
+cdef void _avg_plane_interior(const real *x, real *out, Pool g) noexcept nogil:
+    """_avg_plane when every window lies inside the plane: a constant divisor, no clipping."""
+    cdef Py_ssize_t oh, ow, i, j, start
+    cdef real total, scale = 1.0 / (g.kh * g.kw)
+    for oh in range(g.out_h):
+        for ow in range(g.out_w):
+            start = oh * g.sh * g.width + ow * g.sw
+            total = 0
+            for i in range(g.kh):
+                for j in range(g.kw):
+                    total = total + x[start + i * g.width + j]
+            out[oh * g.out_w + ow] = total * scale
+
+
+cdef void _avg_plane_backward_interior(const real *grad, real *grad_input, Pool g) noexcept nogil:
+    cdef Py_ssize_t oh, ow, i, j, start
+    cdef real share, scale = 1.0 / (g.kh * g.kw)
+    for i in range(g.height * g.width):
+        grad_input[i] = 0
+    for oh in range(g.out_h):
+        for ow in range(g.out_w):
+            start = oh * g.sh * g.width + ow * g.sw
+            share = grad[oh * g.out_w + ow] * scale
+            for i in range(g.kh):
+                for j in range(g.kw):
+                    grad_input[start + i * g.width + j] += share
+
+
+cdef bint _interior(Pool g) noexcept nogil:
+    """Every window lies inside the plane (no padding reached, none clipped)."""
+    return (g.ph == 0 and g.pw == 0
+            and (g.out_h - 1) * g.sh + (g.kh - 1) * g.dh < g.height
+            and (g.out_w - 1) * g.sw + (g.kw - 1) * g.dw < g.width)
+
+
 def avg_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, tuple args,
                        bint count_include_pad, int num_threads):
     """args: (kh, kw, sh, sw, ph, pw, 1, 1)."""
     cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args, count_include_pad)
+    cdef bint interior = _interior(g)
     cdef Py_ssize_t plane
     for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
-        _avg_plane(&x[plane, 0, 0], &out[plane, 0, 0], g)
+        if interior:
+            _avg_plane_interior(&x[plane, 0, 0], &out[plane, 0, 0], g)
+        else:
+            _avg_plane(&x[plane, 0, 0], &out[plane, 0, 0], g)
 
 
 def avg_pool2d_backward(const real[:, :, ::1] grad_output, real[:, :, ::1] grad_input, tuple args,
@@ -175,6 +222,10 @@ def avg_pool2d_backward(const real[:, :, ::1] grad_output, real[:, :, ::1] grad_
     """Spread each output's gradient evenly over its window; overwrites grad_input."""
     cdef Pool g = _pool(grad_input.shape[1], grad_input.shape[2], grad_output.shape[1],
                         grad_output.shape[2], args, count_include_pad)
+    cdef bint interior = _interior(g)
     cdef Py_ssize_t plane
     for plane in prange(grad_input.shape[0], nogil=True, schedule="static", num_threads=num_threads):
-        _avg_plane_backward(&grad_output[plane, 0, 0], &grad_input[plane, 0, 0], g)
+        if interior:
+            _avg_plane_backward_interior(&grad_output[plane, 0, 0], &grad_input[plane, 0, 0], g)
+        else:
+            _avg_plane_backward(&grad_output[plane, 0, 0], &grad_input[plane, 0, 0], g)

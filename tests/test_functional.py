@@ -210,6 +210,18 @@ def test_every_layout_gives_the_contiguous_result(call, layout, dtype):
         np.testing.assert_array_equal(a, kept)  # inputs are never written
 
 
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_result_keeps_the_input_dtype(call, dtype):
+    name, arrays, kwargs = _calls(dtype)[call]
+    result = getattr(fc, name)(*arrays, **kwargs)
+    results = result if isinstance(result, tuple) else (result,)
+    if name == "max_pool2d":  # (output, indices)
+        assert results[1].dtype == np.int64
+        results = results[:1]
+    assert [r.dtype for r in results] == [np.dtype(dtype)] * len(results)
+
+
 # which positional arguments carry the batch axis (the others: weight, bias, output_size)
 BATCHED = {"conv2d": (0,), "conv2d_backward": (0, 1), "fold": (0,)}
 
@@ -244,6 +256,18 @@ def test_output_mask_skips_exactly_the_gradients_not_asked_for(mask, unbatched):
     full = ref.conv2d_backward(grad, x, weight, **kwargs)
     expected = tuple(f if wanted else None for f, wanted in zip(full, mask))
     assert_results_close(fc.conv2d_backward(grad, x, weight, **kwargs, output_mask=mask), expected)
+
+
+def test_output_mask_with_read_only_arrays():
+    """Skipping grad_input must not need a writable x (an array from np.load(mmap_mode='r'))."""
+    x, weight = random_array(0, (2, 3, 5, 5), np.float32), random_array(1, (4, 3, 3, 3), np.float32)
+    grad = grad_like(ref.conv2d(x, weight))
+    full = ref.conv2d_backward(grad, x, weight)
+    for array in (x, weight, grad):
+        array.flags.writeable = False
+    for mask in [(False, True, True), (False, False, True), (True, False, False)]:
+        expected = tuple(f if wanted else None for f, wanted in zip(full, mask))
+        assert_results_close(fc.conv2d_backward(grad, x, weight, output_mask=mask), expected)
 
 
 # --- NaN and inf, determinism ----------------------------------------------------------------

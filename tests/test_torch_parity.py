@@ -186,7 +186,6 @@ INVALID = {
     "conv dilation 0": ("conv2d", (_x(1, 2, 6, 6), _x(3, 2, 3, 3)), dict(dilation=0)),
     "conv 2-D input": ("conv2d", (_x(6, 6), _x(3, 2, 3, 3)), {}),
     "conv float32 weight, float64 input": ("conv2d", (_x(1, 2, 6, 6), _x(3, 2, 3, 3, dtype=np.float32)), {}),
-    "conv integer input": ("conv2d", (np.ones((1, 2, 6, 6), np.int64), np.ones((3, 2, 3, 3), np.int64)), {}),
     "max pool padding > kernel/2": ("max_pool2d", (_x(1, 2, 6, 6), 3), dict(padding=2)),
     "avg pool padding > kernel/2": ("avg_pool2d", (_x(1, 2, 6, 6), (2, 4)), dict(padding=(1, 3))),
     "max pool kernel > input": ("max_pool2d", (_x(1, 2, 2, 2), 3), {}),

@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["create_app", "run", "Predictor", "MAX_BODY", "INSTALL_HINT"]
+__all__ = [
+    "create_app", "run", "serve_app", "require_dependencies", "Predictor", "MAX_BODY", "INSTALL_HINT",
+]
 
 MAX_BODY = 5 * 1024 * 1024  # bytes; a phone photo fits, a flood does not
 ACCEPTED_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG"}
@@ -252,12 +254,24 @@ def _clean(message: str) -> str:
     return message.rstrip(": ")
 
 
-def run(model, host: str = "127.0.0.1", port: int = 8000, max_body: int = MAX_BODY,
-        log_level: str = "info") -> None:
-    """Serve ``model`` (as :func:`create_app` takes it) with uvicorn until interrupted."""
-    app = create_app(model, max_body=max_body)
+def require_dependencies() -> None:
+    """Raise ``ImportError`` (one line saying what to install) if Starlette or uvicorn is missing."""
     try:
-        import uvicorn
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
+
+
+def run(model, host: str = "127.0.0.1", port: int = 8000, max_body: int = MAX_BODY,
+        log_level: str = "warning") -> None:
+    """Serve ``model`` (anything :func:`create_app` takes) with uvicorn until interrupted."""
+    serve_app(create_app(model, max_body=max_body), host, port, log_level)
+
+
+def serve_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serve an app made by :func:`create_app` with uvicorn until interrupted (Ctrl-C)."""
+    require_dependencies()
+    import uvicorn
+
     uvicorn.run(app, host=host, port=port, log_level=log_level)
