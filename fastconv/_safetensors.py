@@ -26,7 +26,9 @@ def _numpy_api():
     try:
         import safetensors.numpy
     except ImportError:
-        raise ImportError('safetensors files need the safetensors package: pip install "fastconv[onnx]"') from None
+        raise ImportError(
+            'safetensors files need the safetensors package: pip install "fastconv[onnx]"'
+        ) from None
     return safetensors.numpy
 
 
@@ -41,12 +43,16 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
     data = Path(os.fspath(path)).read_bytes()
     unknown = _dtypes_numpy_lacks(data)
     if unknown:
-        raise ValueError(f"{path}: tensor(s) {', '.join(f'{k} ({v})' for k, v in unknown.items())} "
-                         "have a dtype NumPy lacks; save them as float32")
+        raise ValueError(
+            f"{path}: tensor(s) {', '.join(f'{k} ({v})' for k, v in unknown.items())} "
+            "have a dtype NumPy lacks; save them as float32"
+        )
     try:
         tensors = api.load(data)
     except Exception as err:  # safetensors' SafetensorError and whatever a corrupted file causes
-        raise ValueError(f"{path}: not a safetensors file, or a truncated or corrupted one ({err})") from None
+        raise ValueError(
+            f"{path}: not a safetensors file, or a truncated or corrupted one ({err})"
+        ) from None
     return {name: np.array(array) for name, array in tensors.items()}
 
 
@@ -58,9 +64,12 @@ def _dtypes_numpy_lacks(data: bytes) -> dict[str, str]:
     header cannot be read (safetensors then says what is wrong)."""
     try:
         size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8: 8 + size]) if 8 + size <= len(data) else {}
-        return {k: v["dtype"] for k, v in header.items()
-                if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") not in _NUMPY_DTYPES}
+        header = json.loads(data[8 : 8 + size]) if 8 + size <= len(data) else {}
+        return {
+            k: v["dtype"]
+            for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") not in _NUMPY_DTYPES
+        }
     except (ValueError, TypeError, AttributeError, KeyError):
         return {}
 
@@ -75,7 +84,9 @@ def save_safetensors(state_dict, path, metadata: Mapping[str, str] | None = None
     if hasattr(state_dict, "state_dict"):
         state_dict = state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"save_safetensors: expected a dict of arrays, got {type(state_dict).__name__}")
+        raise TypeError(
+            f"save_safetensors: expected a dict of arrays, got {type(state_dict).__name__}"
+        )
     tensors = {}
     for name, value in state_dict.items():
         if not isinstance(name, str):
@@ -83,9 +94,13 @@ def save_safetensors(state_dict, path, metadata: Mapping[str, str] | None = None
         array = np.asarray(value)
         array = array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d arrays 0-d
         if array.dtype.kind not in "fiub":
-            raise ValueError(f"save_safetensors: {name!r} has dtype {array.dtype}, not a number type")
+            raise ValueError(
+                f"save_safetensors: {name!r} has dtype {array.dtype}, not a number type"
+            )
         tensors[name] = array
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise TypeError("save_safetensors: metadata must map strings to strings")
     data = api.save(tensors, metadata=dict(metadata) if metadata is not None else None)
     _write_atomically(Path(os.fspath(path)), data)

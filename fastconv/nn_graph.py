@@ -64,7 +64,8 @@ class Op:
         return f"{type(self).__name__}({fields})"
 
 
-# -- sliding windows ----------------------------------------------------------------------------
+# -- sliding windows ------------------------------------------------------------------------------
+
 
 def same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:
     """ONNX's auto_pad SAME_UPPER / SAME_LOWER: output ceil(size / stride), the odd pad at the
@@ -79,13 +80,18 @@ class _Windows:
 
     def __init__(self, kernel, strides, dilations, pads, auto_pad: str):
         self.kernel, self.strides, self.dilations = tuple(kernel), tuple(strides), tuple(dilations)
-        self.pads, self.auto_pad = tuple(pads), auto_pad  # pads: ONNX order (top, left, bottom, right)
+        self.pads, self.auto_pad = (
+            tuple(pads),
+            auto_pad,
+        )  # pads: ONNX order (top, left, bottom, right)
 
     def _pads(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
         if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             upper = self.auto_pad == "SAME_UPPER"
-            (t, b), (lft, r) = (same_pads(size[i], self.kernel[i], self.strides[i],
-                                          self.dilations[i], upper) for i in range(2))
+            (t, b), (lft, r) = (
+                same_pads(size[i], self.kernel[i], self.strides[i], self.dilations[i], upper)
+                for i in range(2)
+            )
             return t, b, lft, r
         if self.auto_pad == "VALID":
             return 0, 0, 0, 0
@@ -120,11 +126,19 @@ class Conv(_Windows, Op):
 
     def backward(self, grad, needs):
         mask = (needs[0], needs[1], len(needs) > 2 and needs[2] and self._has_bias)
-        gx, gw, gb = F.conv2d_backward(grad, self._x, self._weight, self.strides, self._sym,
-                                       self.dilations, self.group, output_mask=mask)
+        gx, gw, gb = F.conv2d_backward(
+            grad,
+            self._x,
+            self._weight,
+            self.strides,
+            self._sym,
+            self.dilations,
+            self.group,
+            output_mask=mask,
+        )
         if gx is not None and any(self._extra):
             e = self._extra
-            gx = gx[:, :, e[0]: gx.shape[2] - e[1], e[2]: gx.shape[3] - e[3]]
+            gx = gx[:, :, e[0] : gx.shape[2] - e[1], e[2] : gx.shape[3] - e[3]]
         return gx, gw, gb
 
 
@@ -143,8 +157,17 @@ class Pool(_Windows, Op):
     fastconv.functional; any other padding is applied explicitly (-inf or 0), the pools then
     run unpadded, and an average divides by the count of the positions ONNX counts."""
 
-    def __init__(self, kind: str, kernel, strides, dilations, pads, auto_pad, ceil_mode: bool,
-                 count_include_pad: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        kernel,
+        strides,
+        dilations,
+        pads,
+        auto_pad,
+        ceil_mode: bool,
+        count_include_pad: bool = False,
+    ):
         super().__init__(kernel, strides, dilations, pads, auto_pad)
         self.kind, self.ceil_mode, self.count_include_pad = kind, ceil_mode, count_include_pad
 
@@ -161,14 +184,18 @@ class Pool(_Windows, Op):
                 return out
             return F.avg_pool2d(x, k, s, (t, lft), ceil, self.count_include_pad)
         self._direct = None
-        out = [pool_output_size(x.shape[2 + i], k[i], s[i], d[i], *pads, ceil)
-               for i, pads in enumerate(((t, b), (lft, r)))]
+        out = [
+            pool_output_size(x.shape[2 + i], k[i], s[i], d[i], *pads, ceil)
+            for i, pads in enumerate(((t, b), (lft, r)))
+        ]
         extent = [(o - 1) * s[i] + d[i] * (k[i] - 1) + 1 for i, o in enumerate(out)]
         # rows/columns of x that fall inside the padded extent (a ceil_mode-free cut may crop)
         self._begin = (t, lft)
         self._kept = (min(x.shape[2], extent[0] - t), min(x.shape[3], extent[1] - lft))
         xp = np.full((*x.shape[:2], *extent), -np.inf if self.kind == "Max" else 0, x.dtype)
-        xp[:, :, t: t + self._kept[0], lft: lft + self._kept[1]] = x[:, :, : self._kept[0], : self._kept[1]]
+        xp[:, :, t : t + self._kept[0], lft : lft + self._kept[1]] = x[
+            :, :, : self._kept[0], : self._kept[1]
+        ]
         self._xp = xp
         if self.kind == "Max":
             out, self._indices = F.max_pool2d(xp, k, s, 0, d, False, return_indices=True)
@@ -177,7 +204,7 @@ class Pool(_Windows, Op):
         if self.count_include_pad:  # the input and its declared pads, not the ceil_mode overhang
             counted[:, :, : t + x.shape[2] + b, : lft + x.shape[3] + r] = 1
         else:
-            counted[:, :, t: t + self._kept[0], lft: lft + self._kept[1]] = 1
+            counted[:, :, t : t + self._kept[0], lft : lft + self._kept[1]] = 1
         self._count = F.avg_pool2d(counted, k, s, 0, False, True)  # (count / window area)
         return F.avg_pool2d(xp, k, s, 0, False, True) / self._count
 
@@ -186,7 +213,9 @@ class Pool(_Windows, Op):
         if self._direct is not None:
             pad, ceil = self._direct
             if self.kind == "Max":
-                return (F.max_pool2d_backward(grad, self._x, k, s, pad, d, ceil, indices=self._indices),)
+                return (
+                    F.max_pool2d_backward(grad, self._x, k, s, pad, d, ceil, indices=self._indices),
+                )
             return (F.avg_pool2d_backward(grad, self._x, k, s, pad, ceil, self.count_include_pad),)
         if self.kind == "Max":
             gp = F.max_pool2d_backward(grad, self._xp, k, s, 0, d, False, indices=self._indices)
@@ -194,7 +223,7 @@ class Pool(_Windows, Op):
             gp = F.avg_pool2d_backward(grad / self._count, self._xp, k, s, 0, False, True)
         (t, lft), (h, w) = self._begin, self._kept
         gx = np.zeros_like(self._x)
-        gx[:, :, :h, :w] = gp[:, :, t: t + h, lft: lft + w]
+        gx[:, :, :h, :w] = gp[:, :, t : t + h, lft : lft + w]
         return (gx,)
 
 
@@ -204,7 +233,10 @@ class GlobalPool(Op):
 
     def forward(self, x):
         if x.ndim < 3:
-            raise ValueError(f"Global{self.kind}Pool: expected (N, C, ...) with spatial axes, got shape {x.shape}")
+            raise ValueError(
+                f"Global{self.kind}Pool: expected (N, C, ...) with spatial axes, "
+                f"got shape {x.shape}"
+            )
         self._shape = x.shape
         flat = x.reshape(*x.shape[:2], -1)
         if self.kind == "Max":
@@ -225,7 +257,8 @@ class GlobalPool(Op):
         return (flat.reshape(self._shape),)
 
 
-# -- element-wise -------------------------------------------------------------------------------
+# -- element-wise ---------------------------------------------------------------------------------
+
 
 class Layer(Op):
     """A one-input fastconv.nn layer (ReLU, LeakyReLU) as an op."""
@@ -330,11 +363,14 @@ class Arithmetic(Op):
             over_b = grad / b
             ga = over_b if needs[0] else None
             gb = -over_b * self._out if needs[1] else None
-        return (None if ga is None else unbroadcast(ga, a.shape),
-                None if gb is None else unbroadcast(gb, b.shape))
+        return (
+            None if ga is None else unbroadcast(ga, a.shape),
+            None if gb is None else unbroadcast(gb, b.shape),
+        )
 
 
-# -- linear algebra -----------------------------------------------------------------------------
+# -- linear algebra -------------------------------------------------------------------------------
+
 
 class MatMul(Op):
     """np.matmul's semantics: 1-D operands promoted, batch axes broadcast."""
@@ -361,7 +397,9 @@ class Gemm(Op):
 
     differentiable = (0, 1, 2)
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, trans_a: bool = False, trans_b: bool = False):
+    def __init__(
+        self, alpha: float = 1.0, beta: float = 1.0, trans_a: bool = False, trans_b: bool = False
+    ):
         self.alpha, self.beta, self.trans_a, self.trans_b = alpha, beta, trans_a, trans_b
 
     def forward(self, a, b, c=None):
@@ -387,7 +425,9 @@ class Gemm(Op):
             gb = self._a.T @ g
             gb = gb.T if self.trans_b else gb
         if len(needs) > 2 and needs[2] and self._c_shape is not None:
-            gc = unbroadcast(grad if self.beta == 1 else grad * grad.dtype.type(self.beta), self._c_shape)
+            gc = unbroadcast(
+                grad if self.beta == 1 else grad * grad.dtype.type(self.beta), self._c_shape
+            )
         return ga, gb, gc
 
 
@@ -401,8 +441,10 @@ class BatchNorm(Op):
 
     def forward(self, x, scale, bias, mean, var):
         if x.ndim < 2 or any(p.shape != (x.shape[1],) for p in (scale, bias, mean, var)):
-            raise ValueError(f"BatchNormalization: expected scale, bias, mean and var of shape "
-                             f"({x.shape[1] if x.ndim > 1 else 'C'},) for input {x.shape}")
+            raise ValueError(
+                f"BatchNormalization: expected scale, bias, mean and var of shape "
+                f"({x.shape[1] if x.ndim > 1 else 'C'},) for input {x.shape}"
+            )
         shape = (1, -1) + (1,) * (x.ndim - 2)
         invstd = 1 / np.sqrt(var + var.dtype.type(self.epsilon))
         self._xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
@@ -413,13 +455,17 @@ class BatchNorm(Op):
         axes = (0, *range(2, grad.ndim))
         gx = grad * self._scale if needs[0] else None
         n, c = grad.shape[:2]
-        gscale = (np.einsum("ncl,ncl->c", grad.reshape(n, c, -1), self._xhat.reshape(n, c, -1))
-                  if needs[1] else None)
+        gscale = (
+            np.einsum("ncl,ncl->c", grad.reshape(n, c, -1), self._xhat.reshape(n, c, -1))
+            if needs[1]
+            else None
+        )
         gbias = grad.sum(axis=axes) if needs[2] else None
         return gx, gscale, gbias, None, None
 
 
-# -- shapes -------------------------------------------------------------------------------------
+# -- shapes ---------------------------------------------------------------------------------------
+
 
 class Identity(Op):
     """Also Dropout's inference form, which ignores its ratio and training_mode inputs."""
@@ -451,7 +497,8 @@ class Flatten(_Reshaping):
 
 
 class Reshape(_Reshaping):
-    """Target shape from the second input: 0 copies the input's size (unless allowzero), -1 infers."""
+    """Target shape from the second input: 0 copies the input's size (unless allowzero), -1
+    infers one."""
 
     def __init__(self, allowzero: bool = False):
         self.allowzero = allowzero
@@ -463,12 +510,16 @@ class Reshape(_Reshaping):
             for i, s in enumerate(target):
                 if s == 0:
                     if i >= x.ndim:
-                        raise ValueError(f"Reshape: 0 at position {i} copies no axis of input {x.shape}")
+                        raise ValueError(
+                            f"Reshape: 0 at position {i} copies no axis of input {x.shape}"
+                        )
                     target[i] = x.shape[i]
         try:
             return x.reshape(target)
         except ValueError:
-            raise ValueError(f"Reshape: cannot reshape input of shape {x.shape} to {target}") from None
+            raise ValueError(
+                f"Reshape: cannot reshape input of shape {x.shape} to {target}"
+            ) from None
 
 
 class Squeeze(_Reshaping):
@@ -484,7 +535,9 @@ class Squeeze(_Reshaping):
             return x.reshape([s for s in x.shape if s != 1])
         axes = {a + x.ndim if a < 0 else a for a in axes}
         if any(not 0 <= a < x.ndim or x.shape[a] != 1 for a in axes):
-            raise ValueError(f"Squeeze: axes {sorted(axes)} are not all of size 1 in shape {x.shape}")
+            raise ValueError(
+                f"Squeeze: axes {sorted(axes)} are not all of size 1 in shape {x.shape}"
+            )
         return x.reshape([s for i, s in enumerate(x.shape) if i not in axes])
 
 
@@ -500,7 +553,9 @@ class Unsqueeze(_Reshaping):
         try:
             return np.expand_dims(x, axes)
         except (ValueError, np.exceptions.AxisError) as err:
-            raise ValueError(f"Unsqueeze: axes {axes} for input of shape {x.shape}: {err}") from None
+            raise ValueError(
+                f"Unsqueeze: axes {axes} for input of shape {x.shape}: {err}"
+            ) from None
 
 
 class Transpose(Op):
@@ -537,7 +592,7 @@ class Shape(Op):
         self.start, self.end = start, end
 
     def forward(self, x):
-        return np.array(x.shape[self.start: self.end], dtype=np.int64)
+        return np.array(x.shape[self.start : self.end], dtype=np.int64)
 
 
 class Gather(Op):
@@ -550,7 +605,9 @@ class Gather(Op):
         axis = self.axis + data.ndim if self.axis < 0 else self.axis
         size = data.shape[axis]
         if indices.size and (indices.min() < -size or indices.max() >= size):
-            raise ValueError(f"Gather: indices out of range [-{size}, {size - 1}] for axis {self.axis}")
+            raise ValueError(
+                f"Gather: indices out of range [-{size}, {size - 1}] for axis {self.axis}"
+            )
         self._shape, self._indices, self._axis = data.shape, indices, axis
         return np.take(data, indices, axis=axis)
 
@@ -596,7 +653,8 @@ class Softmax(Op):
         return (gx.reshape(grad.shape),)
 
 
-# -- the graph ----------------------------------------------------------------------------------
+# -- the graph ------------------------------------------------------------------------------------
+
 
 @dataclass
 class Node:
@@ -630,10 +688,17 @@ class Graph(Module):
     Sequential's) makes backward return the gradient w.r.t. the input(s).
     """
 
-    def __init__(self, nodes: list[Node], inputs: list[ValueInfo], outputs: list[str], *,
-                 parameters: dict[str, np.ndarray] | None = None,
-                 buffers: dict[str, np.ndarray] | None = None,
-                 constants: dict[str, np.ndarray] | None = None, needs_input_grad: bool = False):
+    def __init__(
+        self,
+        nodes: list[Node],
+        inputs: list[ValueInfo],
+        outputs: list[str],
+        *,
+        parameters: dict[str, np.ndarray] | None = None,
+        buffers: dict[str, np.ndarray] | None = None,
+        constants: dict[str, np.ndarray] | None = None,
+        needs_input_grad: bool = False,
+    ):
         self.nodes, self.inputs, self.outputs = list(nodes), list(inputs), list(outputs)
         self._params = {k: Parameter(v) for k, v in (parameters or {}).items()}
         self._buffers = dict(buffers or {})
@@ -649,8 +714,10 @@ class Graph(Module):
         for node in self.nodes:
             missing = [n for n in node.inputs if n and n not in known]
             if missing:
-                raise ValueError(f"node {node.name!r} ({node.op_type}): input(s) {missing} are not "
-                                 "graph inputs, parameters, buffers, constants or earlier outputs")
+                raise ValueError(
+                    f"node {node.name!r} ({node.op_type}): input(s) {missing} are not "
+                    "graph inputs, parameters, buffers, constants or earlier outputs"
+                )
             known.add(node.output)
         missing = [n for n in self.outputs if n not in known]
         if missing:
@@ -659,8 +726,10 @@ class Graph(Module):
     # -- running -----------------------------------------------------------------------------
     def forward(self, *inputs: np.ndarray):
         if len(inputs) != len(self.inputs):
-            raise TypeError(f"Graph: expected {len(self.inputs)} input(s) "
-                            f"({', '.join(i.describe() for i in self.inputs)}), got {len(inputs)}")
+            raise TypeError(
+                f"Graph: expected {len(self.inputs)} input(s) "
+                f"({', '.join(i.describe() for i in self.inputs)}), got {len(inputs)}"
+            )
         values: dict[str, Any] = dict(self._constants)
         values.update(self._buffers)
         values.update((k, p.data) for k, p in self._params.items())
@@ -680,10 +749,13 @@ class Graph(Module):
     def _check_input(self, info: ValueInfo, x) -> np.ndarray:
         x = np.asarray(x)
         if info.dtype.kind == "f" and x.dtype != info.dtype:
-            raise TypeError(f"Graph: input {info.name!r} has dtype {x.dtype}, the model takes "
-                            f"{info.dtype}; convert the input or the model (model.to(dtype))")
+            raise TypeError(
+                f"Graph: input {info.name!r} has dtype {x.dtype}, the model takes "
+                f"{info.dtype}; convert the input or the model (model.to(dtype))"
+            )
         if info.shape is not None and (
-            x.ndim != len(info.shape) or any(s is not None and s != d for s, d in zip(info.shape, x.shape))
+            x.ndim != len(info.shape)
+            or any(s is not None and s != d for s, d in zip(info.shape, x.shape))
         ):
             raise ValueError(f"Graph: input {info.describe()} got shape {x.shape}")
         return x
@@ -702,7 +774,9 @@ class Graph(Module):
         """Gradients of the outputs in, parameters' .grad accumulated; returns the input
         gradient(s) when needs_input_grad, else None."""
         if len(grad_outputs) != len(self.outputs):
-            raise TypeError(f"Graph.backward: expected {len(self.outputs)} gradient(s), got {len(grad_outputs)}")
+            raise TypeError(
+                f"Graph.backward: expected {len(self.outputs)} gradient(s), got {len(grad_outputs)}"
+            )
         needed = self._requiring_grad()
         grads: dict[str, np.ndarray] = {}
         for name, grad in zip(self.outputs, grad_outputs):
@@ -712,8 +786,10 @@ class Graph(Module):
             grad = grads.pop(node.output, None)
             if grad is None:
                 continue
-            needs = [bool(n) and n in needed and node.op.is_differentiable(i)
-                     for i, n in enumerate(node.inputs)]
+            needs = [
+                bool(n) and n in needed and node.op.is_differentiable(i)
+                for i, n in enumerate(node.inputs)
+            ]
             if not any(needs):
                 continue
             for name, need, g in zip(node.inputs, needs, node.op.backward(grad, needs)):
@@ -761,12 +837,16 @@ class Graph(Module):
 
     # -- description ---------------------------------------------------------------------------
     def extra_repr(self) -> str:
-        return (f"inputs=[{', '.join(i.describe() for i in self.inputs)}], "
-                f"outputs={self.outputs}, {len(self.nodes)} nodes, {len(self._params)} parameters")
+        return (
+            f"inputs=[{', '.join(i.describe() for i in self.inputs)}], "
+            f"outputs={self.outputs}, {len(self.nodes)} nodes, {len(self._params)} parameters"
+        )
 
     def __repr__(self) -> str:
-        lines = [f"{n.name or '?'} ({n.op_type}): {', '.join(i or '-' for i in n.inputs)} -> {n.output}"
-                 for n in self.nodes]
+        lines = [
+            f"{n.name or '?'} ({n.op_type}): {', '.join(i or '-' for i in n.inputs)} -> {n.output}"
+            for n in self.nodes
+        ]
         return f"Graph({self.extra_repr()}\n  " + "\n  ".join(lines) + "\n)"
 
 

@@ -38,7 +38,15 @@ import numpy as np
 from . import nn_graph as G
 from .nn_graph import Graph, Node, ValueInfo
 
-__all__ = ["load", "save", "is_onnx", "SUPPORTED_OPERATORS", "OLDEST_OPSET", "EXPORT_OPSET"]
+__all__ = [
+    "load",
+    "load_model",
+    "save",
+    "is_onnx",
+    "SUPPORTED_OPERATORS",
+    "OLDEST_OPSET",
+    "EXPORT_OPSET",
+]
 
 OLDEST_OPSET = 9
 EXPORT_OPSET = 17
@@ -49,7 +57,9 @@ def _onnx():
     try:
         import onnx
     except ImportError:
-        raise ImportError('fastconv.onnx needs the onnx package: pip install "fastconv[onnx]"') from None
+        raise ImportError(
+            'fastconv.onnx needs the onnx package: pip install "fastconv[onnx]"'
+        ) from None
     return onnx
 
 
@@ -79,7 +89,9 @@ def load(source) -> Graph:
     FileNotFoundError for a missing file, ValueError for anything wrong inside it.
     """
     onnx = _onnx()
-    where = "ONNX bytes" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
+    where = (
+        "ONNX bytes" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
+    )
     model = _parse(onnx, source, where)
     try:
         opset = _opset(model)
@@ -93,6 +105,16 @@ def load(source) -> Graph:
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     return graph.eval()
+
+
+def load_model(source):
+    """`model, meta = load_model(path)`, as fastconv.io.load_model returns for fastconv's own
+    files: the Graph and its `meta` (what `save(..., meta=...)` stored, e.g. classes, mean and
+    std, plus input_shape [C, H, W] when the file fixes it). Errors as `load`."""
+    from .io import ModelFile
+
+    graph = load(source)
+    return ModelFile(graph, dict(graph.meta))
 
 
 def _first_line(err: Exception) -> str:
@@ -112,17 +134,23 @@ def _parse(onnx, source, where: str):
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{where}: not an ONNX model, or a truncated or corrupted one ({err})") from None
+        raise ValueError(
+            f"{where}: not an ONNX model, or a truncated or corrupted one ({err})"
+        ) from None
     if not model.HasField("graph") or not model.opset_import:
         raise ValueError(f"{where}: not an ONNX model (no graph or no opset_import in it)")
     tensors = list(model.graph.initializer)
     if any(onnx.external_data_helper.uses_external_data(t) for t in tensors):
         if folder is None:
-            raise ValueError(f"{where}: the model keeps its weights in external files; load it from its path")
+            raise ValueError(
+                f"{where}: the model keeps its weights in external files; load it from its path"
+            )
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(folder))
         except (OSError, ValueError) as err:
-            raise ValueError(f"{where}: cannot read the model's external weight data: {err}") from None
+            raise ValueError(
+                f"{where}: cannot read the model's external weight data: {err}"
+            ) from None
     return model
 
 
@@ -133,11 +161,15 @@ def _opset(model) -> int:
     newest = _onnx().defs.onnx_opset_version()
     opset = max(versions)
     if opset < OLDEST_OPSET:
-        raise ValueError(f"opset {opset} is older than {OLDEST_OPSET}, the oldest fastconv reads; "
-                         "convert the model with onnx.version_converter.convert_version")
+        raise ValueError(
+            f"opset {opset} is older than {OLDEST_OPSET}, the oldest fastconv reads; "
+            "convert the model with onnx.version_converter.convert_version"
+        )
     if opset > newest:
-        raise ValueError(f"opset {opset} is newer than {newest}, the newest the installed onnx "
-                         "package knows; upgrade onnx")
+        raise ValueError(
+            f"opset {opset} is newer than {newest}, the newest the installed onnx "
+            "package knows; upgrade onnx"
+        )
     return opset
 
 
@@ -156,8 +188,10 @@ def _check_nodes(graph, opset: int) -> None:
         spec = _CONVERTERS.get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
         if spec is None:
             domain = f" of domain {node.domain!r}" if node.domain not in _DEFAULT_DOMAINS else ""
-            raise ValueError(f"{label}: operator {node.op_type!r}{domain} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_OPERATORS)})")
+            raise ValueError(
+                f"{label}: operator {node.op_type!r}{domain} is not supported "
+                f"(supported: {', '.join(SUPPORTED_OPERATORS)})"
+            )
         _, allowed = spec
         for attr in node.attribute:
             if attr.name not in allowed:
@@ -165,10 +199,14 @@ def _check_nodes(graph, opset: int) -> None:
         for name in node.input:
             if name and name not in defined:
                 if name in produced_later:
-                    raise ValueError(f"{label}: input {name!r} is computed by a later node "
-                                     "(the nodes are not in topological order)")
-                raise ValueError(f"{label}: input {name!r} is undefined: no graph input, "
-                                 "initializer or node output has that name (a missing initializer?)")
+                    raise ValueError(
+                        f"{label}: input {name!r} is computed by a later node "
+                        "(the nodes are not in topological order)"
+                    )
+                raise ValueError(
+                    f"{label}: input {name!r} is undefined: no graph input, "
+                    "initializer or node output has that name (a missing initializer?)"
+                )
         defined.update(o for o in node.output if o)
     for output in graph.output:
         if output.name not in defined:
@@ -199,10 +237,14 @@ class _Importer:
         except Exception as err:  # onnx raises several types for inconsistent tensors
             raise ValueError(f"{what}: cannot read its data ({_first_line(err)})") from None
         if array.dtype.kind == "f" and array.dtype not in (np.float32, np.float64):
-            raise ValueError(f"{what} has dtype {array.dtype}: fastconv computes in float32 or "
-                             "float64; convert the model first")
+            raise ValueError(
+                f"{what} has dtype {array.dtype}: fastconv computes in float32 or "
+                "float64; convert the model first"
+            )
         if array.dtype.kind not in "fiub":
-            raise ValueError(f"{what} has dtype {array.dtype}, which fastconv does not compute with")
+            raise ValueError(
+                f"{what} has dtype {array.dtype}, which fastconv does not compute with"
+            )
         return array
 
     def _inferred_shapes(self) -> dict[str, tuple | None]:
@@ -242,7 +284,9 @@ class _Importer:
             node = _NodeReader(self, proto, index)
             for k, out in enumerate(proto.output[1:], start=1):
                 if out and out in used_outputs:
-                    node.fail(f"output {k} ({out!r}) is not supported: only the first output can be used")
+                    node.fail(
+                        f"output {k} ({out!r}) is not supported: only the first output can be used"
+                    )
             if proto.op_type == "Constant":
                 self.constants[proto.output[0]] = _constant_value(self, node)
                 continue
@@ -258,8 +302,15 @@ class _Importer:
                     if name in self.arrays:
                         initializer_roles.setdefault(name, 0)
                 continue
-            nodes.append(Node(proto.name or f"#{index}", proto.op_type, op, tuple(proto.input),
-                              proto.output[0]))
+            nodes.append(
+                Node(
+                    proto.name or f"#{index}",
+                    proto.op_type,
+                    op,
+                    tuple(proto.input),
+                    proto.output[0],
+                )
+            )
             for i, name in enumerate(proto.input):
                 if name in self.arrays:
                     role = _role(proto.op_type, op, i, self.arrays[name])
@@ -271,8 +322,14 @@ class _Importer:
                 tables[_ROLE_NAMES[initializer_roles.get(name, 0)]][name] = array
         from_initializers = set(tables["constant"])
         tables["constant"].update(self.constants)
-        graph = Graph(nodes, inputs, [o.name for o in g.output], parameters=tables["parameter"],
-                      buffers=tables["buffer"], constants=tables["constant"])
+        graph = Graph(
+            nodes,
+            inputs,
+            [o.name for o in g.output],
+            parameters=tables["parameter"],
+            buffers=tables["buffer"],
+            constants=tables["constant"],
+        )
         graph.source = _Source(_template(self.model, folded), frozenset(from_initializers))
         graph.meta = _read_meta(self.model, inputs)
         return graph
@@ -302,7 +359,14 @@ class _Source:
 def _template(model, folded: set[str]):
     template = type(model)()
     template.graph.CopyFrom(model.graph)  # graph first: the initializers are dropped below
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+    for field in (
+        "ir_version",
+        "producer_name",
+        "producer_version",
+        "domain",
+        "model_version",
+        "doc_string",
+    ):
         setattr(template, field, getattr(model, field))
     template.opset_import.extend(model.opset_import)
     template.metadata_props.extend(model.metadata_props)
@@ -351,8 +415,10 @@ def _dtype_of(onnx, info) -> np.dtype:
     except Exception:
         raise ValueError(f"graph input {info.name!r}: unsupported element type {elem}") from None
     if dtype.kind == "f" and dtype not in (np.float32, np.float64):
-        raise ValueError(f"graph input {info.name!r} has dtype {dtype}: fastconv computes in "
-                         "float32 or float64; convert the model first")
+        raise ValueError(
+            f"graph input {info.name!r} has dtype {dtype}: fastconv computes in "
+            "float32 or float64; convert the model first"
+        )
     return dtype
 
 
@@ -409,14 +475,17 @@ class _NodeReader:
     def pair(self, name: str, default, minimum: int) -> tuple[int, int]:
         value = self.attr(name, "ints", default)
         if value is None or len(value) != 2:
-            self.fail(f"attribute {name}={list(value) if value else value}: only 2-D windows are "
-                      "supported (two values expected)")
+            self.fail(
+                f"attribute {name}={list(value) if value else value}: only 2-D windows are "
+                "supported (two values expected)"
+            )
         if min(value) < minimum:
             self.fail(f"attribute {name}={list(value)}: values must be >= {minimum}")
         return value
 
 
-# -- converters: one per operator, each checks what it reads and returns the op ----------------------
+# -- converters: one per operator, each checks what it reads and returns the op -------------------
+
 
 def _window_attrs(n: _NodeReader) -> tuple:
     strides = n.pair("strides", (1, 1), 1)
@@ -424,9 +493,9 @@ def _window_attrs(n: _NodeReader) -> tuple:
     auto_pad = n.attr("auto_pad", "string", "NOTSET")
     if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
         n.fail(f"auto_pad={auto_pad!r} is not supported")
-    if auto_pad != "NOTSET" and n.has("pads"):
-        n.fail(f"pads cannot be given with auto_pad={auto_pad}")
     pads = n.attr("pads", "ints", (0, 0, 0, 0))
+    if auto_pad != "NOTSET" and any(pads):
+        n.fail(f"pads={list(pads)} cannot be given with auto_pad={auto_pad}")
     if len(pads) != 4 or min(pads) < 0:
         n.fail(f"pads={list(pads)}: expected four values >= 0 (top, left, bottom, right)")
     return strides, dilations, pads, auto_pad
@@ -437,7 +506,9 @@ def _conv(n: _NodeReader):
     if w is not None and len(w) != 4 or x is not None and len(x) != 4:
         n.fail(f"only 2-D convolutions are supported (input {_dims(x)}, weight {_dims(w)})")
     kernel = n.attr("kernel_shape", "ints")
-    if kernel is not None and (len(kernel) != 2 or w is not None and None not in w[2:] and tuple(w[2:]) != kernel):
+    if kernel is not None and (
+        len(kernel) != 2 or w is not None and None not in w[2:] and tuple(w[2:]) != kernel
+    ):
         n.fail(f"kernel_shape={list(kernel)} does not fit the weight's shape {_dims(w)}")
     if kernel is None:
         if w is None or None in w[2:]:
@@ -470,8 +541,17 @@ def _pool(kind: str) -> Callable:
             n.fail("storage_order=1 (column-major indices) is not supported")
         if kind == "Average" and dilations != (1, 1):
             n.fail(f"dilations={list(dilations)} are not supported for AveragePool")
-        return G.Pool(kind if kind == "Max" else "Avg", kernel, strides, dilations, pads, auto_pad,
-                      bool(n.attr("ceil_mode", "int", 0)), bool(n.attr("count_include_pad", "int", 0)))
+        return G.Pool(
+            kind if kind == "Max" else "Avg",
+            kernel,
+            strides,
+            dilations,
+            pads,
+            auto_pad,
+            bool(n.attr("ceil_mode", "int", 0)),
+            bool(n.attr("count_include_pad", "int", 0)),
+        )
+
     return convert
 
 
@@ -481,7 +561,9 @@ def _clip(n: _NodeReader):
     for i in (1, 2):
         s = n.shape(i)
         if s is not None and len(s) != 0:
-            n.fail(f"input {i} ({'min' if i == 1 else 'max'}) must be a scalar, got shape {_dims(s)}")
+            n.fail(
+                f"input {i} ({'min' if i == 1 else 'max'}) must be a scalar, got shape {_dims(s)}"
+            )
     return G.Clip()
 
 
@@ -494,11 +576,15 @@ def _gemm(n: _NodeReader):
     if a is not None and b is not None:
         (m, k1), (k2, cols) = (a[::-1] if trans_a else a), (b[::-1] if trans_b else b)
         if None not in (k1, k2) and k1 != k2:
-            n.fail(f"A {_dims(a)} (transA={int(trans_a)}) and B {_dims(b)} (transB={int(trans_b)}) "
-                   "do not multiply")
+            n.fail(
+                f"A {_dims(a)} (transA={int(trans_a)}) and B {_dims(b)} (transB={int(trans_b)}) "
+                "do not multiply"
+            )
         if c is not None and not _broadcasts_to(c, (m, cols)):
             n.fail(f"C of shape {_dims(c)} does not broadcast to the product's ({m}, {cols})")
-    return G.Gemm(float(n.attr("alpha", "float", 1.0)), float(n.attr("beta", "float", 1.0)), trans_a, trans_b)
+    return G.Gemm(
+        float(n.attr("alpha", "float", 1.0)), float(n.attr("beta", "float", 1.0)), trans_a, trans_b
+    )
 
 
 def _matmul(n: _NodeReader):
@@ -516,6 +602,7 @@ def _arithmetic(kind: str) -> Callable:
         if a is not None and b is not None and not _broadcastable(a, b):
             n.fail(f"operands of shapes {_dims(a)} and {_dims(b)} do not broadcast")
         return G.Arithmetic(kind)
+
     return convert
 
 
@@ -536,10 +623,14 @@ def _reshape(n: _NodeReader):
         if allowzero and 0 in target and -1 in target:
             n.fail(f"shape {target}: 0 and -1 together with allowzero=1")
         if x is not None and None not in x:
-            sizes = [x[i] if v == 0 and not allowzero and i < len(x) else v for i, v in enumerate(target)]
+            sizes = [
+                x[i] if v == 0 and not allowzero and i < len(x) else v for i, v in enumerate(target)
+            ]
             known = int(np.prod([v for v in sizes if v != -1]))
             total = int(np.prod(x))
-            if (-1 not in sizes and known != total) or (-1 in sizes and (known == 0 or total % known)):
+            if (-1 not in sizes and known != total) or (
+                -1 in sizes and (known == 0 or total % known)
+            ):
                 n.fail(f"an input of shape {_dims(x)} cannot be reshaped to {target}")
     return G.Reshape(allowzero)
 
@@ -576,7 +667,10 @@ def _dropout(n: _NodeReader):
     if n.input(2):
         training = n.const(2)
         if training is None:
-            n.fail("training_mode must be a constant (only inference, training_mode=False, is supported)")
+            n.fail(
+                "training_mode must be a constant (only inference, training_mode=False, "
+                "is supported)"
+            )
         if bool(np.asarray(training).reshape(-1)[0]):
             n.fail("training_mode=True is not supported: only inference")
     return G.Identity()
@@ -589,6 +683,7 @@ def _softmax(log: bool) -> Callable:
         if x is not None and not -len(x) <= axis < max(len(x), 1):
             n.fail(f"axis={axis} out of range for an input of rank {len(x)}")
         return G.Softmax(axis, log=log, legacy=legacy)
+
     return convert
 
 
@@ -628,12 +723,35 @@ def _constant_value(importer: _Importer, n: _NodeReader) -> np.ndarray:
 
 
 _CONVERTERS: dict[str, tuple[Callable, frozenset]] = {
-    name: (fn, frozenset(attrs)) for name, fn, attrs in [
+    name: (fn, frozenset(attrs))
+    for name, fn, attrs in [
         ("Conv", _conv, ["auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"]),
-        ("MaxPool", _pool("Max"), ["auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads",
-                                   "storage_order", "strides"]),
-        ("AveragePool", _pool("Average"), ["auto_pad", "ceil_mode", "count_include_pad", "dilations",
-                                           "kernel_shape", "pads", "strides"]),
+        (
+            "MaxPool",
+            _pool("Max"),
+            [
+                "auto_pad",
+                "ceil_mode",
+                "dilations",
+                "kernel_shape",
+                "pads",
+                "storage_order",
+                "strides",
+            ],
+        ),
+        (
+            "AveragePool",
+            _pool("Average"),
+            [
+                "auto_pad",
+                "ceil_mode",
+                "count_include_pad",
+                "dilations",
+                "kernel_shape",
+                "pads",
+                "strides",
+            ],
+        ),
         ("GlobalAveragePool", lambda n: G.GlobalPool("Average"), []),
         ("GlobalMaxPool", lambda n: G.GlobalPool("Max"), []),
         ("Relu", lambda n: G.relu(), []),
@@ -656,8 +774,20 @@ _CONVERTERS: dict[str, tuple[Callable, frozenset]] = {
         ("Softmax", _softmax(log=False), ["axis"]),
         ("LogSoftmax", _softmax(log=True), ["axis"]),
         ("Identity", lambda n: G.Identity(), []),
-        ("Constant", None, ["value", "value_float", "value_floats", "value_int", "value_ints",
-                            "sparse_value", "value_string", "value_strings"]),
+        (
+            "Constant",
+            None,
+            [
+                "value",
+                "value_float",
+                "value_floats",
+                "value_int",
+                "value_ints",
+                "sparse_value",
+                "value_string",
+                "value_strings",
+            ],
+        ),
         ("Squeeze", _squeeze, ["axes"]),
         ("Unsqueeze", _unsqueeze, ["axes"]),
         ("Shape", _shape, ["start", "end"]),
@@ -670,7 +800,12 @@ SUPPORTED_OPERATORS = tuple(sorted(_CONVERTERS))
 def _dims(shape) -> str:
     if shape is None:
         return "(?)"
-    return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+    return (
+        "("
+        + ", ".join("?" if s is None else str(s) for s in shape)
+        + ("," if len(shape) == 1 else "")
+        + ")"
+    )
 
 
 def _broadcastable(a, b) -> bool:
@@ -688,8 +823,14 @@ def _broadcasts_to(shape, target) -> bool:
 # Export
 
 
-def save(model, path, *, input_shape: tuple[int, ...] | None = None, meta: dict | None = None,
-         opset: int = EXPORT_OPSET) -> None:
+def save(
+    model,
+    path,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    meta: dict | None = None,
+    opset: int = EXPORT_OPSET,
+) -> None:
     """Write `model` as an ONNX file (a path, or a binary file object), checked with onnx.checker.
 
     `model` is a fastconv.nn.Sequential of Conv2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU,
@@ -720,7 +861,9 @@ def save(model, path, *, input_shape: tuple[int, ...] | None = None, meta: dict 
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise ValueError(f"save: the exported model fails onnx.checker: {_first_line(err)}") from None
+        raise ValueError(
+            f"save: the exported model fails onnx.checker: {_first_line(err)}"
+        ) from None
     data = proto.SerializeToString()
     if hasattr(path, "write"):
         path.write(data)
@@ -745,12 +888,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _graph_to_proto(onnx, graph: Graph):
     source = getattr(graph, "source", None)
     if source is None:
-        raise ValueError("save: this Graph was not read by fastconv.onnx.load; nothing to write it from")
+        raise ValueError(
+            "save: this Graph was not read by fastconv.onnx.load; nothing to write it from"
+        )
     proto = copy.deepcopy(source.template)
     arrays = dict(graph._state_arrays())
     arrays.update((n, v) for n, v in graph.constants.items() if n in source.constant_initializers)
-    proto.graph.initializer.extend(onnx.numpy_helper.from_array(_contiguous(v), k)
-                                   for k, v in arrays.items())
+    proto.graph.initializer.extend(
+        onnx.numpy_helper.from_array(_contiguous(v), k) for k, v in arrays.items()
+    )
     return proto
 
 
@@ -767,7 +913,9 @@ class _Exporter:
         if not layers:
             raise ValueError("save: the model has no layers")
         dtype = _float_dtype(model)
-        first = next((layer for _, layer in layers if not isinstance(layer, nn.Dropout)), layers[0][1])
+        first = next(
+            (layer for _, layer in layers if not isinstance(layer, nn.Dropout)), layers[0][1]
+        )
         if input_shape is not None:
             dims = ["N", *(int(d) for d in input_shape)]
         elif isinstance(first, nn.Conv2d):
@@ -779,8 +927,10 @@ class _Exporter:
         elif isinstance(first, (nn.MaxPool2d, nn.AvgPool2d)):
             dims = ["N", "C", "H", "W"]
         else:
-            raise ValueError(f"save: give input_shape (the input's rank is unknown for a model "
-                             f"starting with {type(first).__name__})")
+            raise ValueError(
+                f"save: give input_shape (the input's rank is unknown for a model "
+                f"starting with {type(first).__name__})"
+            )
         self.rank = len(dims)
         for key, layer in layers:
             self._layer(key, layer)
@@ -789,18 +939,26 @@ class _Exporter:
             self.out_dims[-1] = layers[-1][1].out_features
         elem = self.helper.np_dtype_to_tensor_dtype(dtype)
         graph = self.helper.make_graph(
-            self.nodes, "fastconv", [self.helper.make_tensor_value_info("input", elem, dims)],
-            [self.helper.make_tensor_value_info(self.value, elem, self.out_dims)], self.initializers,
+            self.nodes,
+            "fastconv",
+            [self.helper.make_tensor_value_info("input", elem, dims)],
+            [self.helper.make_tensor_value_info(self.value, elem, self.out_dims)],
+            self.initializers,
         )
-        proto = self.helper.make_model(graph, producer_name="fastconv",
-                                       opset_imports=[self.helper.make_opsetid("", self.opset)])
+        proto = self.helper.make_model(
+            graph,
+            producer_name="fastconv",
+            opset_imports=[self.helper.make_opsetid("", self.opset)],
+        )
         proto.ir_version = 8  # what onnxruntime releases of the last years all read
         return proto
 
     def _node(self, key: str, op_type: str, inputs: list[str], **attrs) -> None:
         self.count += 1
         out = f"{key}:{op_type}" if key else f"{op_type}_{self.count}"
-        self.nodes.append(self.helper.make_node(op_type, [self.value, *inputs], [out], name=out, **attrs))
+        self.nodes.append(
+            self.helper.make_node(op_type, [self.value, *inputs], [out], name=out, **attrs)
+        )
         self.value = out
 
     def _tensor(self, name: str, array) -> str:
@@ -813,20 +971,34 @@ class _Exporter:
 
         prefix = f"{key}." if key else ""
         if isinstance(layer, nn.Conv2d):
-            t, b, lft, r = conv_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
+            t, b, lft, r = conv_padding(
+                layer.padding, layer.kernel_size, layer.stride, layer.dilation
+            )
             inputs = [self._tensor(prefix + "weight", layer.weight.data)]
             if layer.bias is not None:
                 inputs.append(self._tensor(prefix + "bias", layer.bias.data))
-            self._node(key, "Conv", inputs, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                       pads=[t, lft, b, r], dilations=list(layer.dilation), group=layer.groups)
+            self._node(
+                key,
+                "Conv",
+                inputs,
+                kernel_shape=list(layer.kernel_size),
+                strides=list(layer.stride),
+                pads=[t, lft, b, r],
+                dilations=list(layer.dilation),
+                group=layer.groups,
+            )
         elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
             pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
             kernel, stride, pads = pair(layer.kernel_size), pair(layer.stride), pair(layer.padding)
-            attrs = dict(kernel_shape=kernel, strides=stride, pads=pads * 2, ceil_mode=int(layer.ceil_mode))
+            attrs = dict(
+                kernel_shape=kernel, strides=stride, pads=pads * 2, ceil_mode=int(layer.ceil_mode)
+            )
             if isinstance(layer, nn.MaxPool2d):
                 self._node(key, "MaxPool", [], dilations=pair(layer.dilation), **attrs)
             else:
-                self._node(key, "AveragePool", [], count_include_pad=int(layer.count_include_pad), **attrs)
+                self._node(
+                    key, "AveragePool", [], count_include_pad=int(layer.count_include_pad), **attrs
+                )
         elif isinstance(layer, nn.ReLU):
             self._node(key, "Relu", [])
         elif isinstance(layer, nn.LeakyReLU):
@@ -840,18 +1012,24 @@ class _Exporter:
         elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
             self._batch_norm(key, prefix, layer)
         else:
-            raise ValueError(f"save: layer {key or '0'} ({type(layer).__name__}) has no ONNX export")
+            raise ValueError(
+                f"save: layer {key or '0'} ({type(layer).__name__}) has no ONNX export"
+            )
 
     def _flatten(self, key, layer) -> None:
         start = layer.start_dim % self.rank
         end = layer.end_dim % self.rank
         if end != self.rank - 1 or start == 0:
-            raise ValueError(f"save: Flatten({layer.start_dim}, {layer.end_dim}) is exported only "
-                             "with start_dim >= 1 and end_dim = -1")
+            raise ValueError(
+                f"save: Flatten({layer.start_dim}, {layer.end_dim}) is exported only "
+                "with start_dim >= 1 and end_dim = -1"
+            )
         if start == 1:
             self._node(key, "Flatten", [], axis=1)
         else:
-            shape = self._tensor(f"{key}.shape" if key else "flatten.shape", np.array([0] * start + [-1], np.int64))
+            shape = self._tensor(
+                f"{key}.shape" if key else "flatten.shape", np.array([0] * start + [-1], np.int64)
+            )
             self._node(key, "Reshape", [shape])
         self.rank = start + 1
 
@@ -862,23 +1040,32 @@ class _Exporter:
             self._node(key, "Gemm", [weight, *bias], transB=1)
             return
         transposed = f"{prefix}weight_T"
-        self.nodes.append(self.helper.make_node("Transpose", [weight], [transposed], name=transposed))
+        self.nodes.append(
+            self.helper.make_node("Transpose", [weight], [transposed], name=transposed)
+        )
         self._node(key, "MatMul", [transposed])
         if bias:
             self._node(f"{key}.bias" if key else "", "Add", bias)
 
     def _batch_norm(self, key, prefix, layer) -> None:
         if not layer.track_running_stats:
-            raise ValueError(f"save: {type(layer).__name__} {key} has no running statistics "
-                             "(track_running_stats=False), so no inference form")
+            raise ValueError(
+                f"save: {type(layer).__name__} {key} has no running statistics "
+                "(track_running_stats=False), so no inference form"
+            )
         c, dtype = layer.num_features, layer.running_mean.dtype
         scale = layer.weight.data if layer.weight is not None else np.ones(c, dtype)
         bias = layer.bias.data if getattr(layer, "bias", None) is not None else np.zeros(c, dtype)
-        names = [prefix + "weight" if layer.weight is not None else prefix + "onnx_scale",
-                 prefix + "bias" if getattr(layer, "bias", None) is not None else prefix + "onnx_bias"]
-        inputs = [self._tensor(names[0], scale), self._tensor(names[1], bias),
-                  self._tensor(prefix + "running_mean", layer.running_mean),
-                  self._tensor(prefix + "running_var", layer.running_var)]
+        names = [
+            prefix + "weight" if layer.weight is not None else prefix + "onnx_scale",
+            prefix + "bias" if getattr(layer, "bias", None) is not None else prefix + "onnx_bias",
+        ]
+        inputs = [
+            self._tensor(names[0], scale),
+            self._tensor(names[1], bias),
+            self._tensor(prefix + "running_mean", layer.running_mean),
+            self._tensor(prefix + "running_var", layer.running_var),
+        ]
         self._node(key, "BatchNormalization", inputs, epsilon=layer.eps)
 
 

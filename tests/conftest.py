@@ -204,6 +204,7 @@ def fold_cases(draw, max_batch: int = 3):
     x = case.args[0]
     k, d, p, s = (_as_pair(case.kwargs[name]) for name in ("kernel_size", "dilation", "padding", "stride"))
     length = blocks(x.shape[2], k[0], d[0], p[0], s[0]) * blocks(x.shape[3], k[1], d[1], p[1], s[1])
-    cols = random_array(draw(st.integers(0, 2**32 - 1)), (x.shape[0], x.shape[1] * k[0] * k[1], length), x.dtype)
+    shape = (x.shape[0], x.shape[1] * k[0] * k[1], length)
+    cols = random_array(draw(st.integers(0, 2**32 - 1)), shape, x.dtype)
     output_size = x.shape[2:] if draw(st.booleans()) else list(x.shape[2:])
     return Case((cols, output_size), dict(case.kwargs))

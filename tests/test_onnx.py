@@ -9,7 +9,9 @@ import warnings
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx", reason="fastconv.onnx reads and writes models with the onnx package")
+onnx = pytest.importorskip(
+    "onnx", reason="fastconv.onnx reads and writes models with the onnx package"
+)
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the reference for the outputs")
 
 from conftest import assert_close  # noqa: E402
@@ -28,17 +30,23 @@ def torch():
     return pytest.importorskip("torch", reason="PyTorch exports the whole-model test cases")
 
 
-# -- building small models --------------------------------------------------------------------------
+# -- building small models ------------------------------------------------------------------------
+
 
 def model_proto(nodes, inputs, outputs, initializers=(), opset=17):
     """inputs: {name: array}: graph inputs of those shapes/dtypes; initializers: {name: array};
     outputs: (name, element type[, rank]) (the checker wants a shape, its sizes may be unknown)."""
     graph = helper.make_graph(
-        nodes, "test",
-        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for k, v in inputs.items()],
-        [helper.make_tensor_value_info(name, elem, [None] * (rank[0] if rank else 0))
-         for name, elem, *rank in outputs],
+        nodes,
+        "test",
+        [
+            helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for k, v in inputs.items()
+        ],
+        [
+            helper.make_tensor_value_info(name, elem, [None] * (rank[0] if rank else 0))
+            for name, elem, *rank in outputs
+        ],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()],
     )
     opsets = [helper.make_opsetid("", opset)]
@@ -63,7 +71,9 @@ class Case:
     """One node: `inputs` maps input names to a shape tuple (a graph input), an array (an
     initializer) or None (an optional input left out)."""
 
-    def __init__(self, op, inputs, attrs=None, opset=17, positive=(), out=FLOAT, grad=True, id=None):
+    def __init__(
+        self, op, inputs, attrs=None, opset=17, positive=(), out=FLOAT, grad=True, id=None
+    ):
         self.op, self.inputs, self.attrs, self.opset = op, inputs, attrs or {}, opset
         self.positive, self.out, self.grad = positive, out, grad
         self.id = id or f"{op}-{opset}-" + ",".join(f"{k}={v}" for k, v in self.attrs.items())
@@ -96,38 +106,119 @@ CASES = [
     # Conv: pads, auto_pad, strides, dilations, groups, bias or not, old opsets
     Case("Conv", {"x": (2, 3, 7, 6), "w": W(4, 3, 3, 3), "b": W(4)}, dict(pads=[1, 1, 1, 1])),
     Case("Conv", {"x": (2, 3, 7, 6), "w": W(4, 3, 3, 3)}, dict(strides=[2, 2], pads=[0, 1, 2, 1])),
-    Case("Conv", {"x": (1, 4, 8, 9), "w": W(6, 2, 3, 2), "b": W(6)},
-         dict(dilations=[2, 1], group=2, strides=[1, 2], pads=[2, 0, 1, 1])),
-    Case("Conv", {"x": (2, 4, 6, 6), "w": W(4, 1, 3, 3), "b": W(4)}, dict(group=4, pads=[1, 1, 1, 1])),
-    Case("Conv", {"x": (2, 3, 7, 8), "w": W(2, 3, 3, 3)}, dict(auto_pad="SAME_UPPER", strides=[2, 2])),
+    Case(
+        "Conv",
+        {"x": (1, 4, 8, 9), "w": W(6, 2, 3, 2), "b": W(6)},
+        dict(dilations=[2, 1], group=2, strides=[1, 2], pads=[2, 0, 1, 1]),
+    ),
+    Case(
+        "Conv", {"x": (2, 4, 6, 6), "w": W(4, 1, 3, 3), "b": W(4)}, dict(group=4, pads=[1, 1, 1, 1])
+    ),
+    Case(
+        "Conv", {"x": (2, 3, 7, 8), "w": W(2, 3, 3, 3)}, dict(auto_pad="SAME_UPPER", strides=[2, 2])
+    ),
     Case("Conv", {"x": (2, 3, 7, 8), "w": W(2, 3, 2, 4), "b": W(2)}, dict(auto_pad="SAME_LOWER")),
     Case("Conv", {"x": (2, 3, 7, 8), "w": W(2, 3, 3, 3)}, dict(auto_pad="VALID", strides=[2, 1])),
-    Case("Conv", {"x": (2, 3, 5, 5), "w": W(2, 3, 1, 3), "b": W(2)}, dict(kernel_shape=[1, 3]), opset=9),
-    Case("Conv", {"x": (2, 3, 5, 5), "w": (2, 3, 3, 3), "b": (2,)}, dict(pads=[1, 0, 1, 0]), opset=11,
-         id="Conv-weight-and-bias-as-inputs"),
+    Case(
+        "Conv",
+        {"x": (2, 3, 5, 5), "w": W(2, 3, 1, 3), "b": W(2)},
+        dict(kernel_shape=[1, 3]),
+        opset=9,
+    ),
+    Case(
+        "Conv",
+        {"x": (2, 3, 5, 5), "w": (2, 3, 3, 3), "b": (2,)},
+        dict(pads=[1, 0, 1, 0]),
+        opset=11,
+        id="Conv-weight-and-bias-as-inputs",
+    ),
     # MaxPool: strides (default 1), pads (symmetric, asymmetric), ceil_mode, dilations, auto_pad
     Case("MaxPool", {"x": (2, 3, 7, 7)}, dict(kernel_shape=[2, 2], strides=[2, 2])),
     Case("MaxPool", {"x": (2, 3, 7, 7)}, dict(kernel_shape=[3, 3])),
-    Case("MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)),
+    Case(
+        "MaxPool",
+        {"x": (2, 3, 7, 8)},
+        dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+    ),
     Case("MaxPool", {"x": (2, 3, 8, 7)}, dict(kernel_shape=[2, 3], strides=[2, 2], ceil_mode=1)),
-    Case("MaxPool", {"x": (2, 3, 9, 9)}, dict(kernel_shape=[3, 2], strides=[1, 2], dilations=[2, 2], ceil_mode=1)),
-    Case("MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 2, 2, 1])),
-    Case("MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 3], strides=[2, 3], pads=[2, 0, 1, 2], ceil_mode=1)),
-    Case("MaxPool", {"x": (2, 3, 4, 5)}, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 2, 2], ceil_mode=1)),
-    Case("MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_UPPER")),
-    Case("MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_LOWER")),
-    Case("MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="VALID")),
-    Case("MaxPool", {"x": (2, 3, 6, 6)}, dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]), opset=9),
+    Case(
+        "MaxPool",
+        {"x": (2, 3, 9, 9)},
+        dict(kernel_shape=[3, 2], strides=[1, 2], dilations=[2, 2], ceil_mode=1),
+    ),
+    Case(
+        "MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 2, 2, 1])
+    ),
+    Case(
+        "MaxPool",
+        {"x": (2, 3, 7, 8)},
+        dict(kernel_shape=[3, 3], strides=[2, 3], pads=[2, 0, 1, 2], ceil_mode=1),
+    ),
+    Case(
+        "MaxPool",
+        {"x": (2, 3, 4, 5)},
+        dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 2, 2], ceil_mode=1),
+    ),
+    Case(
+        "MaxPool",
+        {"x": (2, 3, 7, 8)},
+        dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_UPPER"),
+    ),
+    Case(
+        "MaxPool",
+        {"x": (2, 3, 7, 8)},
+        dict(kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_LOWER"),
+    ),
+    Case(
+        "MaxPool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="VALID")
+    ),
+    Case(
+        "MaxPool",
+        {"x": (2, 3, 6, 6)},
+        dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]),
+        opset=9,
+    ),
     # AveragePool: count_include_pad x pads x ceil_mode, auto_pad
-    *[Case("AveragePool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 3], strides=[2, 2], pads=pads,
-                                                     count_include_pad=cip, ceil_mode=ceil))
-      for pads in ([1, 1, 1, 1], [0, 2, 2, 1], [1, 0, 0, 2]) for cip in (0, 1) for ceil in (0, 1)],
-    Case("AveragePool", {"x": (2, 3, 4, 5)}, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 2, 2],
-                                                 count_include_pad=1, ceil_mode=1)),
+    *[
+        Case(
+            "AveragePool",
+            {"x": (2, 3, 7, 8)},
+            dict(
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                pads=pads,
+                count_include_pad=cip,
+                ceil_mode=ceil,
+            ),
+        )
+        for pads in ([1, 1, 1, 1], [0, 2, 2, 1], [1, 0, 0, 2])
+        for cip in (0, 1)
+        for ceil in (0, 1)
+    ],
+    Case(
+        "AveragePool",
+        {"x": (2, 3, 4, 5)},
+        dict(
+            kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 2, 2], count_include_pad=1, ceil_mode=1
+        ),
+    ),
     Case("AveragePool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[2, 3], strides=[2, 1])),
-    Case("AveragePool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_UPPER")),
-    Case("AveragePool", {"x": (2, 3, 7, 8)}, dict(kernel_shape=[2, 2], auto_pad="SAME_LOWER", count_include_pad=1)),
-    Case("AveragePool", {"x": (2, 3, 6, 6)}, dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]), opset=9),
+    Case(
+        "AveragePool",
+        {"x": (2, 3, 7, 8)},
+        dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_UPPER"),
+    ),
+    Case(
+        "AveragePool",
+        {"x": (2, 3, 7, 8)},
+        dict(kernel_shape=[2, 2], auto_pad="SAME_LOWER", count_include_pad=1),
+    ),
+    Case(
+        "AveragePool",
+        {"x": (2, 3, 6, 6)},
+        dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]),
+        opset=9,
+    ),
     Case("GlobalAveragePool", {"x": (2, 3, 5, 4)}),
     Case("GlobalMaxPool", {"x": (2, 3, 5, 4)}),
     # activations
@@ -155,15 +246,17 @@ CASES = [
     Case("MatMul", {"a": (2, 4, 6), "b": W(6)}),
     Case("MatMul", {"a": W(3, 4), "b": (2, 4, 5)}),
     # element-wise arithmetic, broadcasting both ways, initializer on either side
-    *[Case(op, inputs, positive=(1,), id=f"{op}-{shapes}")
-      for op in ("Add", "Sub", "Mul", "Div")
-      for shapes, inputs in [
-          ("same", {"a": (2, 3, 4), "b": (2, 3, 4)}),
-          ("channel", {"a": (2, 3, 4, 5), "b": P(3, 1, 1)}),
-          ("both-ways", {"a": (1, 3, 1, 5), "b": (2, 1, 4, 1)}),
-          ("scalar", {"a": (2, 3), "b": P()}),
-          ("left-initializer", {"a": W(3, 1), "b": (2, 3, 4)}),
-      ]],
+    *[
+        Case(op, inputs, positive=(1,), id=f"{op}-{shapes}")
+        for op in ("Add", "Sub", "Mul", "Div")
+        for shapes, inputs in [
+            ("same", {"a": (2, 3, 4), "b": (2, 3, 4)}),
+            ("channel", {"a": (2, 3, 4, 5), "b": P(3, 1, 1)}),
+            ("both-ways", {"a": (1, 3, 1, 5), "b": (2, 1, 4, 1)}),
+            ("scalar", {"a": (2, 3), "b": P()}),
+            ("left-initializer", {"a": W(3, 1), "b": (2, 3, 4)}),
+        ]
+    ],
     # shapes
     Case("Flatten", {"x": (2, 3, 4, 5)}),
     Case("Flatten", {"x": (2, 3, 4, 5)}, dict(axis=0)),
@@ -184,16 +277,33 @@ CASES = [
     Case("Unsqueeze", {"x": (2, 3)}, dict(axes=[0, 3]), opset=9),
     Case("Unsqueeze", {"x": (2, 3), "axes": I64(-1, 1)}, opset=13),
     # normalisation, dropout, softmax
-    Case("BatchNormalization", {"x": (2, 3, 4, 5), "s": W(3), "b": W(3), "m": W(3), "v": P(3)}, opset=9),
-    Case("BatchNormalization", {"x": (2, 3, 4, 5), "s": W(3), "b": W(3), "m": W(3), "v": P(3)},
-         dict(epsilon=1e-3, momentum=0.8), opset=14),
-    Case("BatchNormalization", {"x": (4, 3), "s": W(3), "b": W(3), "m": W(3), "v": P(3)}, dict(training_mode=0)),
+    Case(
+        "BatchNormalization",
+        {"x": (2, 3, 4, 5), "s": W(3), "b": W(3), "m": W(3), "v": P(3)},
+        opset=9,
+    ),
+    Case(
+        "BatchNormalization",
+        {"x": (2, 3, 4, 5), "s": W(3), "b": W(3), "m": W(3), "v": P(3)},
+        dict(epsilon=1e-3, momentum=0.8),
+        opset=14,
+    ),
+    Case(
+        "BatchNormalization",
+        {"x": (4, 3), "s": W(3), "b": W(3), "m": W(3), "v": P(3)},
+        dict(training_mode=0),
+    ),
     Case("Dropout", {"x": (2, 3, 4)}, dict(ratio=0.3), opset=9),
     Case("Dropout", {"x": (2, 3, 4), "ratio": np.float32(0.2)}, opset=12),
-    Case("Dropout", {"x": (2, 3, 4), "ratio": np.float32(0.2), "training": np.bool_(False)}, opset=13),
-    *[Case(op, {"x": (2, 3, 4, 5)}, attrs, opset=opset)
-      for op in ("Softmax", "LogSoftmax") for opset in (11, 13)
-      for attrs in ({}, {"axis": 1}, {"axis": -1}, {"axis": 0})],
+    Case(
+        "Dropout", {"x": (2, 3, 4), "ratio": np.float32(0.2), "training": np.bool_(False)}, opset=13
+    ),
+    *[
+        Case(op, {"x": (2, 3, 4, 5)}, attrs, opset=opset)
+        for op in ("Softmax", "LogSoftmax")
+        for opset in (11, 13)
+        for attrs in ({}, {"axis": 1}, {"axis": -1}, {"axis": 0})
+    ],
     # the runtime shape arithmetic of torch's x.view(x.size(0), -1) with a dynamic batch
     Case("Shape", {"x": (2, 3, 4)}, out=INT64, grad=False),
     Case("Shape", {"x": (2, 3, 4, 5)}, dict(start=1, end=-1), opset=15, out=INT64, grad=False),
@@ -207,8 +317,11 @@ def case_id(case):
 
 
 NEWEST = onnx.defs.onnx_opset_version()
-CASES_NEWEST = [Case(c.op, c.inputs, c.attrs, NEWEST, c.positive, c.out, id=f"{c.id}@{NEWEST}")
-                for c in CASES if c.opset == 17]
+CASES_NEWEST = [
+    Case(c.op, c.inputs, c.attrs, NEWEST, c.positive, c.out, id=f"{c.id}@{NEWEST}")
+    for c in CASES
+    if c.opset == 17
+]
 
 
 @pytest.mark.parametrize("case", CASES_NEWEST, ids=case_id)
@@ -236,7 +349,9 @@ def test_constants_and_runtime_shape_arithmetic():
         C("Add", ["t", "shift"], ["y"]),
     ]
     feeds = {"x": rand(np.random.default_rng(0), (2, 4, 5, 3))}
-    data = model_proto(nodes, feeds, [("y", FLOAT, 4)], opset=13).SerializeToString()
+    proto = model_proto(nodes, feeds, [("y", FLOAT, 4)], opset=13)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # a dynamic batch
+    data = proto.SerializeToString()
     model = fo.load(data)
     assert_close(model(feeds["x"]), onnxruntime_outputs(data, feeds)[0], RTOL)
     x2 = rand(np.random.default_rng(1), (5, 4, 5, 3))  # the batch size is read at run time
@@ -251,7 +366,9 @@ def test_conv_same_with_dilation_matches_torch(torch):
     node = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", dilations=[2, 1])
     x = rand(np.random.default_rng(0), (2, 3, 7, 8))
     model = fo.load(model_proto([node], {"x": x}, [("y", FLOAT, 4)], {"w": w}).SerializeToString())
-    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding="same", dilation=(2, 1))
+    expected = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), padding="same", dilation=(2, 1)
+    )
     assert_close(model(x), expected.numpy(), RTOL)
 
 
@@ -264,7 +381,8 @@ def test_operator_parity_with_onnxruntime(case):
     assert_close(actual, expected, RTOL, what=case.id)
 
 
-# -- gradients: finite differences through the graph, in float64 -------------------------------------
+# -- gradients: finite differences through the graph, in float64 ----------------------------------
+
 
 def central_differences(objective, array, positions, eps=1e-6):
     flat = array.reshape(-1)
@@ -303,7 +421,9 @@ def test_gradients_match_finite_differences(case):
         expected = central_differences(objective, array, positions)
         actual = np.zeros(array.size) if grad is None else grad.reshape(-1)[positions]
         scale = max(np.abs(expected).max(), 1e-3)
-        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6 * scale, err_msg=f"{case.id}: {what}")
+        np.testing.assert_allclose(
+            actual, expected, rtol=0, atol=1e-6 * scale, err_msg=f"{case.id}: {what}"
+        )
 
 
 def test_graph_with_branches_sums_gradients_of_shared_values():
@@ -327,7 +447,8 @@ def test_graph_with_branches_sums_gradients_of_shared_values():
     test_gradients_match_finite_differences(test)
 
 
-# -- whole models exported by torch -----------------------------------------------------------------
+# -- whole models exported by torch ---------------------------------------------------------------
+
 
 def torch_models(torch):
     tnn = torch.nn
@@ -336,7 +457,11 @@ def torch_models(torch):
         def __init__(self):
             super().__init__()
             self.conv1, self.conv2 = tnn.Conv2d(1, 6, 5, padding=2), tnn.Conv2d(6, 16, 5)
-            self.fc1, self.fc2, self.fc3 = tnn.Linear(400, 120), tnn.Linear(120, 84), tnn.Linear(84, 10)
+            self.fc1, self.fc2, self.fc3 = (
+                tnn.Linear(400, 120),
+                tnn.Linear(120, 84),
+                tnn.Linear(84, 10),
+            )
 
         def forward(self, x):
             x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
@@ -353,8 +478,9 @@ def torch_models(torch):
             self.bn2 = tnn.BatchNorm2d(c_out)
             self.shortcut = tnn.Sequential()
             if stride != 1 or c_in != c_out:
-                self.shortcut = tnn.Sequential(tnn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                               tnn.BatchNorm2d(c_out))
+                self.shortcut = tnn.Sequential(
+                    tnn.Conv2d(c_in, c_out, 1, stride, bias=False), tnn.BatchNorm2d(c_out)
+                )
 
         def forward(self, x):
             y = torch.relu(self.bn1(self.conv1(x)))
@@ -363,7 +489,9 @@ def torch_models(torch):
     class ResNet(tnn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = tnn.Sequential(tnn.Conv2d(3, 8, 3, padding=1, bias=False), tnn.BatchNorm2d(8), tnn.ReLU())
+            self.stem = tnn.Sequential(
+                tnn.Conv2d(3, 8, 3, padding=1, bias=False), tnn.BatchNorm2d(8), tnn.ReLU()
+            )
             self.layer1, self.layer2 = Block(8, 8, 1), Block(8, 16, 2)
             self.branch = tnn.Conv2d(16, 4, 1)
             self.fc = tnn.Linear(20, 10)
@@ -375,16 +503,32 @@ def torch_models(torch):
             return self.fc(torch.flatten(x, 1))
 
     def separable(c_in, c_out, stride):
-        return [tnn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), tnn.BatchNorm2d(c_in), tnn.ReLU6(),
-                tnn.Conv2d(c_in, c_out, 1, bias=False), tnn.BatchNorm2d(c_out), tnn.ReLU6()]
+        return [
+            tnn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
+            tnn.BatchNorm2d(c_in),
+            tnn.ReLU6(),
+            tnn.Conv2d(c_in, c_out, 1, bias=False),
+            tnn.BatchNorm2d(c_out),
+            tnn.ReLU6(),
+        ]
 
     mobile = tnn.Sequential(
-        tnn.Conv2d(3, 8, 3, 2, 1, bias=False), tnn.BatchNorm2d(8), tnn.ReLU6(),
-        *separable(8, 16, 1), *separable(16, 32, 2), *separable(32, 32, 1),
-        tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Dropout(0.2), tnn.Linear(32, 10),
+        tnn.Conv2d(3, 8, 3, 2, 1, bias=False),
+        tnn.BatchNorm2d(8),
+        tnn.ReLU6(),
+        *separable(8, 16, 1),
+        *separable(16, 32, 2),
+        *separable(32, 32, 1),
+        tnn.AdaptiveAvgPool2d(1),
+        tnn.Flatten(),
+        tnn.Dropout(0.2),
+        tnn.Linear(32, 10),
     )
-    return {"lenet": (LeNet(), (1, 28, 28)), "resnet": (ResNet(), (3, 16, 16)),
-            "mobilenet": (mobile, (3, 24, 24))}
+    return {
+        "lenet": (LeNet(), (1, 28, 28)),
+        "resnet": (ResNet(), (3, 16, 16)),
+        "mobilenet": (mobile, (3, 24, 24)),
+    }
 
 
 def randomise_batchnorm(torch, model, seed):
@@ -404,16 +548,32 @@ def export(torch, model, shape, opset=17, fold=True) -> bytes:
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, *shape),), f, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["logits"], do_constant_folding=fold,
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+        torch.onnx.export(
+            model,
+            (torch.zeros(2, *shape),),
+            f,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            do_constant_folding=fold,
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        )
     return f.getvalue()
 
 
-@pytest.mark.parametrize("name, opset, fold", [
-    ("lenet", 9, True), ("lenet", 13, True), ("lenet", 17, False),
-    ("resnet", 11, True), ("resnet", 17, False), ("mobilenet", 12, True), ("mobilenet", 17, False),
-])
+@pytest.mark.parametrize(
+    "name, opset, fold",
+    [
+        ("lenet", 9, True),
+        ("lenet", 13, True),
+        ("lenet", 17, False),
+        ("resnet", 11, True),
+        ("resnet", 17, False),
+        ("mobilenet", 12, True),
+        ("mobilenet", 17, False),
+    ],
+)
 def test_torch_exported_models_match_onnxruntime(torch, name, opset, fold):
     torch.manual_seed(0)
     model, shape = torch_models(torch)[name]
@@ -459,15 +619,47 @@ def test_fine_tuning_an_imported_model_follows_torch(torch):
         assert_close(param.data, torch_params[name].detach().numpy(), RTOL, what=name)
 
 
-# -- export: fastconv -> ONNX -> onnxruntime and back ------------------------------------------------
+def test_fastconv_training_loop_fine_tunes_an_imported_model(torch):
+    """fastconv.train.fit drives an imported graph like any fastconv model: the loss falls."""
+    from fastconv.train import fit
+
+    torch.manual_seed(2)
+    model, shape = torch_models(torch)["lenet"]
+    imported = fo.load(export(torch, model.eval(), shape))
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 10, 64)
+    x = (rng.standard_normal((64, *shape)) * 0.3 + y[:, None, None, None] / 5).astype(np.float32)
+    history = fit(
+        imported,
+        optim.Adam(imported.parameters(), lr=3e-3),
+        x,
+        y,
+        epochs=4,
+        batch_size=16,
+        progress=False,
+        handle_sigint=False,
+    )
+    assert history["train_loss"][-1] < 0.8 * history["train_loss"][0]
+
+
+# -- export: fastconv -> ONNX -> onnxruntime and back ---------------------------------------------
+
 
 def fastconv_model():
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding="same", rng=0), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-        nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=1, dilation=(2, 1), groups=2, bias=False, rng=1),
-        nn.LeakyReLU(0.1), nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+        nn.Conv2d(1, 4, 3, padding="same", rng=0),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(
+            4, 6, (3, 2), stride=(1, 2), padding=1, dilation=(2, 1), groups=2, bias=False, rng=1
+        ),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool2d(3, 2, 1, count_include_pad=False),
         nn.Sequential(nn.Flatten(), nn.Dropout(0.3, rng=2), nn.Linear(6 * 3 * 2, 16, rng=3)),
-        nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5, rng=4),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 5, rng=4),
     )
     rng = np.random.default_rng(6)
     for bn in (model[1], model[8]):
@@ -501,7 +693,9 @@ def test_export_round_trip(tmp_path):
 @pytest.mark.parametrize("name", ["resnet", "mobilenet"])
 def test_export_of_a_fine_tuned_import_writes_its_new_weights(torch, name):
     model, shape = torch_models(torch)[name]
-    imported = fo.load(export(torch, randomise_batchnorm(torch, model, 3).eval(), shape, fold=False))
+    imported = fo.load(
+        export(torch, randomise_batchnorm(torch, model, 3).eval(), shape, fold=False)
+    )
     for _, p in imported.named_parameters():
         p.data += 0.01
     buffer = io.BytesIO()
@@ -520,6 +714,8 @@ def test_metadata_round_trip(tmp_path):
     fo.save(model, tmp_path / "m.onnx", input_shape=(1, 14, 14), meta=meta)
     loaded = fo.load(tmp_path / "m.onnx")
     assert loaded.meta == {**meta, "input_shape": [1, 14, 14]}
+    model_file, meta_read = fo.load_model(tmp_path / "m.onnx")  # fastconv.io.load_model's shape
+    assert isinstance(model_file, Graph) and meta_read == loaded.meta
     buffer = io.BytesIO()
     fo.save(loaded, buffer)  # an imported model keeps its metadata
     assert fo.load(buffer.getvalue()).meta == loaded.meta
@@ -542,13 +738,16 @@ def test_export_input_shape_and_refusals(tmp_path):
         fo.save(model, tmp_path / "a.onnx")
     fo.save(model, tmp_path / "a.onnx", input_shape=(3, 2, 2))
     x = np.random.default_rng(0).standard_normal((2, 3, 2, 2)).astype(np.float32)
-    assert_close(onnxruntime_outputs((tmp_path / "a.onnx").read_bytes(), {"input": x})[0], model(x), RTOL)
+    assert_close(
+        onnxruntime_outputs((tmp_path / "a.onnx").read_bytes(), {"input": x})[0], model(x), RTOL
+    )
     with pytest.raises(ValueError, match="CrossEntropyLoss"):
         fo.save(nn.Sequential(nn.Linear(2, 2), nn.CrossEntropyLoss()), tmp_path / "b.onnx")
     assert not (tmp_path / "b.onnx").exists()
 
 
-# -- malformed files: a ValueError naming the problem, never a crash -----------------------------
+# -- malformed files: a ValueError naming the problem, never a crash ------------------------------
+
 
 def small_model(**changes):
     nodes = changes.get("nodes") or [
@@ -561,8 +760,13 @@ def small_model(**changes):
     inits.update(changes.get("inits", {}))
     for name in changes.get("drop", ()):
         del inits[name]
-    proto = model_proto(nodes, {"x": np.zeros((1, 2, 5, 5), np.float32)}, [("y", FLOAT, changes.get("rank", 2))], inits,
-                        changes.get("opset", 17))
+    proto = model_proto(
+        nodes,
+        {"x": np.zeros((1, 2, 5, 5), np.float32)},
+        [("y", FLOAT, changes.get("rank", 2))],
+        inits,
+        changes.get("opset", 17),
+    )
     return proto.SerializeToString()
 
 
@@ -580,7 +784,9 @@ def test_truncated_bytes(cut):
         fo.load(data[:n])
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00\x01garbage", b"PK\x03\x04" + bytes(100), bytes(range(256))])
+@pytest.mark.parametrize(
+    "data", [b"", b"\x00\x01garbage", b"PK\x03\x04" + bytes(100), bytes(range(256))]
+)
 def test_not_onnx_at_all(data):
     with pytest.raises(ValueError):
         fo.load(data)
@@ -595,28 +801,82 @@ def test_file_errors(tmp_path):
         fo.load(path)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(drop=["w"]), r"conv1.*'w' is undefined.*missing initializer"),
-    (dict(inits={"w": W(4, 3, 3, 3)}), r"conv1.*channels"),
-    (dict(inits={"b": W(5)}), r"conv1.*bias of shape \(5,\)"),
-    (dict(inits={"w": W(4, 2, 3)}), r"conv1.*only 2-D convolutions"),
-    (dict(inits={"fc_w": W(3, 99)}), r"'fc' \(Gemm\).*do not multiply"),
-    (dict(inits={"fc_b": W(4)}), r"'fc' \(Gemm\).*C of shape"),
-    (dict(opset=8), r"opset 8 is older than 9"),
-    (dict(nodes=[helper.make_node("Erf", ["x"], ["y"], name="erf1")]), r"'erf1' \(Erf\).*operator 'Erf' is not supported"),
-    (dict(nodes=[helper.make_node("Relu", ["x"], ["y"], name="r", domain="com.example")]), r"domain 'com.example'"),
-    (dict(nodes=[helper.make_node("Relu", ["x"], ["y"], name="r", foo=1)]), r"'r' \(Relu\).*attribute 'foo'"),
-    (dict(nodes=[helper.make_node("MaxPool", ["x"], ["y"], name="mp", kernel_shape=[2, 2], storage_order=1)]),
-     r"'mp' \(MaxPool\).*storage_order"),
-    (dict(nodes=[helper.make_node("MaxPool", ["x"], ["y", "idx"], name="mp", kernel_shape=[2, 2])],
-          rank=4), None),
-    (dict(nodes=[helper.make_node("AveragePool", ["x"], ["y"], name="ap", kernel_shape=[2, 2], dilations=[2, 2])],
-          opset=19), r"'ap' \(AveragePool\).*dilations"),
-    (dict(nodes=[helper.make_node("Relu", ["c"], ["y"], name="late"),
-                 helper.make_node("Relu", ["x"], ["c"], name="early")]), r"'late'.*topological"),
-    (dict(nodes=[helper.make_node("Conv", ["x", "w"], ["y"], name="c3", kernel_shape=[3, 3, 3])]),
-     r"'c3' \(Conv\).*kernel_shape"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(drop=["w"]), r"conv1.*'w' is undefined.*missing initializer"),
+        (dict(inits={"w": W(4, 3, 3, 3)}), r"conv1.*channels"),
+        (dict(inits={"b": W(5)}), r"conv1.*bias of shape \(5,\)"),
+        (dict(inits={"w": W(4, 2, 3)}), r"conv1.*only 2-D convolutions"),
+        (dict(inits={"fc_w": W(3, 99)}), r"'fc' \(Gemm\).*do not multiply"),
+        (dict(inits={"fc_b": W(4)}), r"'fc' \(Gemm\).*C of shape"),
+        (dict(opset=8), r"opset 8 is older than 9"),
+        (
+            dict(nodes=[helper.make_node("Erf", ["x"], ["y"], name="erf1")]),
+            r"'erf1' \(Erf\).*operator 'Erf' is not supported",
+        ),
+        (
+            dict(nodes=[helper.make_node("Relu", ["x"], ["y"], name="r", domain="com.example")]),
+            r"domain 'com.example'",
+        ),
+        (
+            dict(nodes=[helper.make_node("Relu", ["x"], ["y"], name="r", foo=1)]),
+            r"'r' \(Relu\).*attribute 'foo'",
+        ),
+        (
+            dict(
+                nodes=[
+                    helper.make_node(
+                        "MaxPool", ["x"], ["y"], name="mp", kernel_shape=[2, 2], storage_order=1
+                    )
+                ]
+            ),
+            r"'mp' \(MaxPool\).*storage_order",
+        ),
+        (
+            dict(
+                nodes=[
+                    helper.make_node("MaxPool", ["x"], ["y", "idx"], name="mp", kernel_shape=[2, 2])
+                ],
+                rank=4,
+            ),
+            None,
+        ),
+        (
+            dict(
+                nodes=[
+                    helper.make_node(
+                        "AveragePool",
+                        ["x"],
+                        ["y"],
+                        name="ap",
+                        kernel_shape=[2, 2],
+                        dilations=[2, 2],
+                    )
+                ],
+                opset=19,
+            ),
+            r"'ap' \(AveragePool\).*dilations",
+        ),
+        (
+            dict(
+                nodes=[
+                    helper.make_node("Relu", ["c"], ["y"], name="late"),
+                    helper.make_node("Relu", ["x"], ["c"], name="early"),
+                ]
+            ),
+            r"'late'.*topological",
+        ),
+        (
+            dict(
+                nodes=[
+                    helper.make_node("Conv", ["x", "w"], ["y"], name="c3", kernel_shape=[3, 3, 3])
+                ]
+            ),
+            r"'c3' \(Conv\).*kernel_shape",
+        ),
+    ],
+)
 def test_malformed_models(changes, message):
     data = small_model(**changes)
     if message is None:  # an unused second output (MaxPool's indices) is fine
@@ -630,10 +890,26 @@ def test_unsupported_values_are_refused_at_load():
     x = {"x": np.zeros((2, 3, 4, 4), np.float32)}
     bn = {k: W(3) for k in "sbmv"}
     cases = [
-        (helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn", training_mode=1),
-         bn, 15, "training_mode=1"),
-        (helper.make_node("Dropout", ["x", "", "t"], ["y"], name="d"), {"t": np.bool_(True)}, 13, "training_mode=True"),
-        (helper.make_node("MaxPool", ["x"], ["y", "i"], name="mp", kernel_shape=[2, 2]), {}, 17, "output 1"),
+        (
+            helper.make_node(
+                "BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn", training_mode=1
+            ),
+            bn,
+            15,
+            "training_mode=1",
+        ),
+        (
+            helper.make_node("Dropout", ["x", "", "t"], ["y"], name="d"),
+            {"t": np.bool_(True)},
+            13,
+            "training_mode=True",
+        ),
+        (
+            helper.make_node("MaxPool", ["x"], ["y", "i"], name="mp", kernel_shape=[2, 2]),
+            {},
+            17,
+            "output 1",
+        ),
     ]
     for node, inits, opset, message in cases:
         outputs = [("y", FLOAT, 4)] + ([("i", INT64, 4)] if len(node.output) > 1 else [])

@@ -50,7 +50,8 @@ def naive_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
                             for j in range(kw):
                                 row, col = oh * sh - top + i * dh, ow * sw - left + j * dw
                                 if 0 <= row < h and 0 <= col < w:
-                                    total += float(x[b, first_channel + c, row, col]) * float(weight[o, c, i, j])
+                                    pixel = float(x[b, first_channel + c, row, col])
+                                    total += pixel * float(weight[o, c, i, j])
                     out[b, o, oh, ow] = total
     return out[0] if unbatched else out
 
@@ -262,7 +263,8 @@ def test_naive_loops_agree_with_hand_computed_values():
     np.testing.assert_array_equal(naive_max_pool2d(x, 2, stride=1)[0], [[[[4, 5], [7, 8]]]])
     np.testing.assert_array_equal(naive_avg_pool2d(x, 2, padding=1), [[[[0, 0.75], [2.25, 6]]]])
     np.testing.assert_array_equal(naive_unfold(x, 2)[0, :, 0], [0, 1, 3, 4])
-    np.testing.assert_array_equal(naive_fold(np.ones((1, 4, 4)), (3, 3), 2), [[[[1, 2, 1], [2, 4, 2], [1, 2, 1]]]])
+    overlaps = [[[[1, 2, 1], [2, 4, 2], [1, 2, 1]]]]  # how many 2x2 blocks cover each pixel
+    np.testing.assert_array_equal(naive_fold(np.ones((1, 4, 4)), (3, 3), 2), overlaps)
 
 
 # --- backward against central finite differences (float64) ----------------------------------

@@ -1,11 +1,13 @@
-"""load_safetensors / save_safetensors (fastconv.io): round trips, torch <-> fastconv weights, errors."""
+"""load/save_safetensors (fastconv.io): round trips, torch <-> fastconv weights, errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="the safetensors package reads and writes the files")
+safetensors_numpy = pytest.importorskip(
+    "safetensors.numpy", reason="the safetensors package reads and writes the files"
+)
 
 from conftest import assert_close  # noqa: E402
 
@@ -21,7 +23,10 @@ def torch():
 
 def test_public_names():
     """fastconv.io re-exports them (once wired; until then only the implementation exists)."""
-    for name, fn in (("load_safetensors", load_safetensors), ("save_safetensors", save_safetensors)):
+    for name, fn in (
+        ("load_safetensors", load_safetensors),
+        ("save_safetensors", save_safetensors),
+    ):
         assert getattr(fastconv.io, name, fn) is fn
 
 
@@ -37,7 +42,10 @@ def test_round_trip_keeps_keys_order_dtypes_and_values(tmp_path):
         assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
         assert loaded[key].flags.writeable
-    assert loaded["1.num_batches_tracked"].shape == () and loaded["1.num_batches_tracked"].dtype == np.int64
+    assert (
+        loaded["1.num_batches_tracked"].shape == ()
+        and loaded["1.num_batches_tracked"].dtype == np.int64
+    )
     save_safetensors(model, tmp_path / "m.safetensors")  # a Module is accepted too
     model.load_state_dict(load_safetensors(tmp_path / "m.safetensors"))
 
@@ -79,9 +87,19 @@ def torch_digit_cnn(torch):
     """torch.nn twin of fastconv.models.digit_cnn(): same layers, same state_dict keys."""
     nn = torch.nn
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Dropout(0.25),
+        nn.Linear(128, 10),
     )
 
 
@@ -100,7 +118,9 @@ def test_torch_weights_load_into_fastconv(torch, tmp_path):
     theirs = trained_a_little(torch, torch_digit_cnn(torch))
     path = tmp_path / "torch.safetensors"
     # what a torch user writes, through the NumPy API: tensors converted to arrays
-    safetensors_numpy.save_file({k: v.detach().numpy() for k, v in theirs.state_dict().items()}, str(path))
+    safetensors_numpy.save_file(
+        {k: v.detach().numpy() for k, v in theirs.state_dict().items()}, str(path)
+    )
     ours = models.digit_cnn(seed=0).eval()
     ours.load_state_dict(load_safetensors(path))  # strict: every key matches
     x = np.random.default_rng(5).standard_normal((6, 1, 28, 28)).astype(np.float32)
@@ -117,8 +137,17 @@ def test_fastconv_weights_load_into_torch(torch, tmp_path):
     save_safetensors(ours.state_dict(), path)
     nn = torch.nn
     theirs = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
         nn.Linear(84, 10),
     ).eval()
     theirs.load_state_dict(safetensors.torch.load_file(str(path)))  # strict

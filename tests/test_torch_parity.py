@@ -13,7 +13,9 @@ from hypothesis import given, settings
 import fastconv as fc
 from fastconv import reference as ref
 
-torch = pytest.importorskip("torch", reason="torch not installed: parity with torch.nn.functional not checked")
+torch = pytest.importorskip(
+    "torch", reason="torch not installed: parity with torch.nn.functional not checked"
+)
 F = torch.nn.functional
 
 EXAMPLES = 50

@@ -1,0 +1,320 @@
+"""Benchmark cases, shared by `pytest benchmarks/` and `fastconv bench`.
+
+Every case builds, for one backend ("fastconv", "reference" or "torch"), a zero-argument callable
+that runs the operation once on prepared inputs: the timing loop only ever calls that. Speeds
+are reported against the sgemm ceiling that NumPy's BLAS reaches on this machine, measured here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import functional as F
+from . import reference
+
+BACKENDS = ("fastconv", "reference", "torch")
+
+
+@dataclass(frozen=True)
+class Case:
+    operation: str  # e.g. "conv forward"
+    shape: str  # shown in tables
+    flops: float  # floating-point operations per call (0: not a FLOP-bound operation)
+    make: Callable[[str], Callable[[], object] | None]  # backend -> runner, None if unsupported
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# --- convolution -------------------------------------------------------------------------------
+
+CONV_LAYERS = [
+    # (N, C_in, H, C_out, k, stride, padding)
+    (64, 32, 14, 64, 3, 1, 1),
+    (64, 1, 28, 32, 3, 1, 1),
+    (64, 64, 32, 64, 3, 1, 1),
+    (64, 32, 28, 64, 3, 2, 1),
+    (64, 6, 14, 16, 5, 1, 0),
+]
+
+
+def _conv_case(layer, part):
+    n, c, size, c_out, k, stride, pad = layer
+    out = (size + 2 * pad - k) // stride + 1
+    forward_flops = 2.0 * n * c_out * out * out * c * k * k
+    shape = f"x({n},{c},{size},{size}) w({c_out},{c},{k},{k}) s{stride} p{pad}"
+    rng = _rng()
+    x = rng.standard_normal((n, c, size, size), dtype=np.float32)
+    w = rng.standard_normal((c_out, c, k, k), dtype=np.float32) * 0.1
+    b = rng.standard_normal(c_out, dtype=np.float32)
+    grad = rng.standard_normal((n, c_out, out, out), dtype=np.float32)
+
+    def make(backend):
+        if backend in ("fastconv", "reference"):
+            f = F if backend == "fastconv" else reference
+            forward = lambda: f.conv2d(x, w, b, stride, pad)  # noqa: E731
+            backward = lambda: f.conv2d_backward(grad, x, w, stride, pad)  # noqa: E731
+        else:
+            torch = _torch()
+            if torch is None:
+                return None
+            tx, tw, tb, tg = (torch.from_numpy(a) for a in (x, w, b, grad))
+
+            def forward():
+                with torch.no_grad():
+                    return torch.nn.functional.conv2d(tx, tw, tb, stride, pad)
+
+            def backward():
+                return torch.ops.aten.convolution_backward(
+                    tg, tx, tw, [c_out], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1,
+                    [True, True, True],
+                )
+        if part == "forward":
+            return forward
+        if part == "backward":
+            return backward
+        return lambda: (forward(), backward())
+
+    flops = {"forward": forward_flops, "backward": 2 * forward_flops}.get(part, 3 * forward_flops)
+    return Case(f"conv {part}", shape, flops, make)
+
+
+# --- pooling, unfold/fold ----------------------------------------------------------------------
+
+def _pool_case(kind, part):
+    x = _rng().standard_normal((64, 32, 28, 28), dtype=np.float32)
+    grad = _rng().standard_normal((64, 32, 14, 14), dtype=np.float32)
+    _, indices = F.max_pool2d(x, 2, return_indices=True)
+
+    def make(backend):
+        if backend in ("fastconv", "reference"):
+            f = F if backend == "fastconv" else reference
+            if kind == "max":
+                forward = lambda: f.max_pool2d(x, 2, return_indices=True)  # noqa: E731
+                backward = lambda: f.max_pool2d_backward(grad, x, 2, indices=indices)  # noqa: E731
+            else:
+                forward = lambda: f.avg_pool2d(x, 2)  # noqa: E731
+                backward = lambda: f.avg_pool2d_backward(grad, x, 2)  # noqa: E731
+        else:
+            torch = _torch()
+            if torch is None:
+                return None
+            tx, tg, ti = torch.from_numpy(x), torch.from_numpy(grad), torch.from_numpy(indices)
+            aten = torch.ops.aten
+            if kind == "max":
+                forward = lambda: aten.max_pool2d_with_indices(tx, [2, 2], [2, 2])  # noqa: E731
+                backward = lambda: aten.max_pool2d_with_indices_backward(  # noqa: E731
+                    tg, tx, [2, 2], [2, 2], [0, 0], [1, 1], False, ti)
+            else:
+                forward = lambda: aten.avg_pool2d(tx, [2, 2], [2, 2])  # noqa: E731
+                backward = lambda: aten.avg_pool2d_backward(  # noqa: E731
+                    tg, tx, [2, 2], [2, 2], [0, 0], False, True, None)
+        return {"forward": forward, "backward": backward}.get(
+            part, lambda: (forward(), backward()))
+
+    return Case(f"{kind} pool {part}", "x(64,32,28,28) 2x2/2", 0.0, make)
+
+
+def _unfold_case(kind):
+    x = _rng().standard_normal((64, 32, 14, 14), dtype=np.float32)
+    cols = F.unfold(x, 3, padding=1)
+
+    def make(backend):
+        if backend == "torch":
+            torch = _torch()
+            if torch is None:
+                return None
+            tx, tc = torch.from_numpy(x), torch.from_numpy(cols)
+            if kind == "unfold":
+                return lambda: torch.nn.functional.unfold(tx, 3, padding=1)
+            return lambda: torch.nn.functional.fold(tc, (14, 14), 3, padding=1)
+        f = F if backend == "fastconv" else reference
+        if kind == "unfold":
+            return lambda: f.unfold(x, 3, padding=1)
+        return lambda: f.fold(cols, (14, 14), 3, padding=1)
+
+    return Case(kind, "x(64,32,14,14) 3x3 p1", 0.0, make)
+
+
+# --- the LeNet-class model -----------------------------------------------------------------------
+
+def lenet_flops(batch: int) -> float:
+    """Forward + backward multiply-adds of the LeNet-class model (conv1 needs no input grad)."""
+    conv1 = 2.0 * batch * 32 * 28 * 28 * 9
+    conv2 = 2.0 * batch * 64 * 14 * 14 * 32 * 9
+    dense = 2.0 * batch * (3136 * 128 + 128 * 10)
+    return 3 * (conv2 + dense) + 2 * conv1
+
+
+def fastconv_lenet(seed: int = 0):
+    from . import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1, rng=seed), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, rng=seed + 1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3136, 128, rng=seed + 2), nn.ReLU(), nn.Linear(128, 10, rng=seed + 3),
+    )
+
+
+def torch_lenet(torch):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def _lenet_case(batch, part):
+    rng = _rng()
+    x = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, batch)
+
+    def make(backend):
+        if backend == "reference":
+            return None
+        if backend == "fastconv":
+            from . import nn, optim
+
+            model = fastconv_lenet()
+            if part == "inference":
+                model.eval()
+                return lambda: model(x)
+            criterion = nn.CrossEntropyLoss()
+            optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def step():
+                criterion(model(x), y)
+                model.zero_grad()
+                model.backward(criterion.backward())
+                optimizer.step()
+            return step
+        torch = _torch()
+        if torch is None:
+            return None
+        model = torch_lenet(torch)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        if part == "inference":
+            model.eval()
+
+            def infer():
+                with torch.no_grad():
+                    return model(tx)
+            return infer
+        criterion = torch.nn.CrossEntropyLoss()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def torch_step():
+            loss = criterion(model(tx), ty)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return torch_step
+
+    flops = lenet_flops(batch) if part == "train step" else lenet_flops(batch) / 3
+    return Case(f"LeNet {part}", f"batch {batch}", flops, make)
+
+
+def cases() -> list[Case]:
+    """Every benchmarked case, in table order."""
+    found = []
+    for layer in CONV_LAYERS:
+        found += [_conv_case(layer, part) for part in ("forward", "backward", "forward+backward")]
+    for kind in ("max", "avg"):
+        found += [_pool_case(kind, part) for part in ("forward", "backward", "forward+backward")]
+    found += [_unfold_case("unfold"), _unfold_case("fold")]
+    found += [_lenet_case(64, "train step"), _lenet_case(256, "train step"),
+              _lenet_case(256, "inference")]
+    return found
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+def time_call(run: Callable[[], object], budget: float = 0.3, min_runs: int = 5) -> float:
+    """Median seconds of warm calls (after warm-up calls that fault in every buffer)."""
+    for _ in range(2):
+        run()
+    times = []
+    deadline = time.perf_counter() + budget
+    while len(times) < min_runs or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def sgemm_ceiling(budget: float = 0.5) -> float:
+    """GFLOP/s of NumPy's float32 matmul on the skinny shape im2col produces (64x288 @ 288x12544)."""
+    rng = _rng()
+    a = rng.standard_normal((64, 288), dtype=np.float32)
+    b = rng.standard_normal((288, 12544), dtype=np.float32)
+    out = np.empty((64, 12544), dtype=np.float32)
+    seconds = time_call(lambda: np.matmul(a, b, out=out), budget)
+    return 2.0 * 64 * 288 * 12544 / seconds / 1e9
+
+
+def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, selected=None):
+    """Time every case on every backend; returns (rows, sgemm ceiling GFLOP/s)."""
+    from .threads import set_num_threads
+
+    torch = _torch() if "torch" in backends else None
+    if threads is not None:
+        set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
+    ceiling = sgemm_ceiling()
+    rows = []
+    for case in cases():
+        if selected and not any(s in case.operation for s in selected):
+            continue
+        row = {"operation": case.operation, "shape": case.shape}
+        for backend in backends:
+            runner = case.make(backend)
+            row[f"{backend}_ms"] = None if runner is None else time_call(runner, budget) * 1e3
+        ours, ref, other = (row.get(f"{b}_ms") for b in BACKENDS)
+        row["speedup_vs_reference"] = ref / ours if ref and ours else None
+        row["speedup_vs_torch"] = other / ours if other and ours else None
+        row["gflops"] = case.flops / (ours * 1e6) if case.flops and ours else None
+        row["ceiling_share"] = row["gflops"] / ceiling if row["gflops"] else None
+        rows.append(row)
+    return rows, ceiling
+
+
+def format_table(rows, ceiling: float) -> str:
+    def cell(value, fmt):
+        return "—" if value is None else format(value, fmt)
+
+    header = ("operation", "shape", "fastconv ms", "reference ms", "torch ms", "vs ref",
+              "vs torch", "GFLOP/s", "of sgemm")
+    lines = [header]
+    for r in rows:
+        lines.append((
+            r["operation"], r["shape"], cell(r["fastconv_ms"], ".3f"),
+            cell(r.get("reference_ms"), ".3f"), cell(r.get("torch_ms"), ".3f"),
+            cell(r["speedup_vs_reference"], ".1f") + ("x" if r["speedup_vs_reference"] else ""),
+            cell(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
+            cell(r["gflops"], ".0f"), cell(r["ceiling_share"] and 100 * r["ceiling_share"], ".0f")
+            + ("%" if r["ceiling_share"] else ""),
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    text = ["  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)
+                      for i, (v, w) in enumerate(zip(line, widths))) for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    text.append(f"sgemm ceiling (NumPy float32 matmul 64x288 @ 288x12544): {ceiling:.0f} GFLOP/s")
+    return "\n".join(text)

@@ -1,0 +1,41 @@
+"""Convolution memory stays bounded: the im2col workspace does not grow with the batch."""
+
+import tracemalloc
+
+import numpy as np
+
+import fastconv as fc
+
+
+def _peak_above_output(run) -> int:
+    """Peak bytes NumPy allocated during run(), beyond the array run() returns."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        out = run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    results = out if isinstance(out, tuple) else (out,)
+    return peak - sum(r.nbytes for r in results if r is not None)
+
+
+def test_conv_forward_workspace_is_bounded_for_a_large_batch():
+    # issue 4: x (256, 64, 32, 32), w (64, 64, 3, 3), padding 1 must peak under 64 MB above
+    # its inputs and output; a whole-batch im2col would need 600 MB.
+    x = np.ones((256, 64, 32, 32), dtype=np.float32)
+    w = np.ones((64, 64, 3, 3), dtype=np.float32)
+    extra = _peak_above_output(lambda: fc.conv2d(x, w, padding=1))
+    assert extra < 64 * 2**20, f"conv2d used {extra / 2**20:.0f} MB beyond its output"
+
+
+def test_conv_backward_workspace_does_not_grow_with_the_batch():
+    w = np.ones((32, 16, 3, 3), dtype=np.float32)
+    extras = []
+    for n in (8, 64):
+        x = np.ones((n, 16, 32, 32), dtype=np.float32)
+        grad = np.ones((n, 32, 32, 32), dtype=np.float32)
+        fc.conv2d_backward(grad, x, w, padding=1)  # the first call may size the reused workspace
+        extras.append(_peak_above_output(lambda: fc.conv2d_backward(grad, x, w, padding=1)))
+    # 8x the batch: the workspace is per thread, so the extra memory stays the same
+    assert extras[1] < extras[0] + 2**20, extras
