@@ -11,10 +11,10 @@
    `--repeats` times, median per engine, throughput in images/s and the ratio.
 
 Both engines get the same thread count (`--threads 1 2` times each count; default: every
-core). OpenBLAS tuning
-variables (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) are removed from the environment first (the
-script re-executes itself without them) so that OpenBLAS picks its kernels for this CPU.
-Exits with status 1 when the agreement is below 99.9%.
+core). torch trains in a child process, so its OpenMP threads never run in the timed one.
+OpenBLAS tuning variables (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) are removed from the
+environment first (the script re-executes itself without them) so that OpenBLAS picks its
+kernels for this CPU. Exits with status 1 when the agreement is below 99.9%.
 """
 
 from __future__ import annotations
@@ -174,9 +174,9 @@ def main(argv=None) -> int:
     path = args.model
     if path is None:
         # torch trains in a child process: its OpenMP threads never share the timed process
-        path = args.save_model or os.path.join(tempfile.mkdtemp(), "lenet.onnx")
-        subprocess.run(
-            [
+        with tempfile.TemporaryDirectory() as folder:
+            path = args.save_model or os.path.join(folder, "lenet.onnx")
+            command = [
                 sys.executable,
                 __file__,
                 "--train-only",
@@ -187,11 +187,13 @@ def main(argv=None) -> int:
                 str(args.epochs),
                 "--seed",
                 str(args.seed),
-            ],
-            check=True,
-        )
-    with open(path, "rb") as f:
-        data = f.read()
+            ]
+            subprocess.run(command, check=True)
+            with open(path, "rb") as f:
+                data = f.read()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
     x_test, y_test = mnist("test", data_dir=args.data_dir, download=False)
     ours = fastconv.onnx.load(data)
     session = ort_session(data, fastconv.get_num_threads())
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
         timings.append(time_both(ours, data, batch, count, args.repeats))
 
     result = {
-        "model": path,
+        "model": args.model or args.save_model,
         "test_images": len(x_test),
         "agreement": agreement,
         "disagreeing_images": int((ours_pred != ort_pred).sum()),

@@ -80,10 +80,8 @@ class _Windows:
 
     def __init__(self, kernel, strides, dilations, pads, auto_pad: str):
         self.kernel, self.strides, self.dilations = tuple(kernel), tuple(strides), tuple(dilations)
-        self.pads, self.auto_pad = (
-            tuple(pads),
-            auto_pad,
-        )  # pads: ONNX order (top, left, bottom, right)
+        self.pads = tuple(pads)  # ONNX's order: (top, left, bottom, right)
+        self.auto_pad = auto_pad
 
     def _pads(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
         if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -742,7 +740,8 @@ class Graph(Module):
             try:
                 values[node.output] = np.asarray(node.op.forward(*args))
             except (ValueError, TypeError) as err:
-                raise type(err)(f"node {node.name!r} ({node.op_type}): {err}") from err
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(f"node {node.name!r} ({node.op_type}): {err}") from err
         results = tuple(values[n] for n in self.outputs)
         return results[0] if len(results) == 1 else results
 

@@ -13,16 +13,26 @@ matplotlib is an optional extra, imported inside each function: without it they 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "MissingMatplotlib", "require_matplotlib", "plot_history", "Mistake", "Report", "evaluation_report",
-    "plot_report", "plot_evaluation", "plot_filters", "plot_feature_maps", "feature_maps",
+    "MissingMatplotlib",
+    "Mistake",
+    "Report",
+    "evaluation_report",
+    "feature_maps",
     "plot_benchmark",
+    "plot_evaluation",
+    "plot_feature_maps",
+    "plot_filters",
+    "plot_history",
+    "plot_report",
+    "require_matplotlib",
 ]
 
 INSTALL_HINT = 'plots need matplotlib: pip install "fastconv[viz]"'
@@ -322,8 +332,8 @@ def plot_filters(model, path, max_filters: int = 64) -> np.ndarray:
                               interpolation="nearest")
             ax.set_title(str(i), fontsize=7)
     kh, kw = kernels.shape[1:]
-    fig.suptitle(f"First conv layer: {weight.shape[0]} filters of {kh}x{kw}"
-                 + (f" (mean over {weight.shape[1]} input channels)" if weight.shape[1] > 1 else ""))
+    mean = f" (mean over {weight.shape[1]} input channels)" if weight.shape[1] > 1 else ""
+    fig.suptitle(f"First conv layer: {weight.shape[0]} filters of {kh}x{kw}{mean}")
     fig.colorbar(image, ax=list(axes), shrink=0.8)
     _save(fig, path)
     return kernels
@@ -361,7 +371,8 @@ def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
     return [(name, np.asarray(value[0])) for name, value in maps]
 
 
-def plot_feature_maps(model, x, path, max_maps: int = 32, image=None) -> list[tuple[str, np.ndarray]]:
+def plot_feature_maps(model, x, path, max_maps: int = 32,
+                      image=None) -> list[tuple[str, np.ndarray]]:
     """The input and the activations of each conv layer (see :func:`feature_maps`) for one input
     ``x`` ``(C, H, W)``, one block of small images per layer (each map on its own scale).
     ``image`` is what the input panel shows (default ``x``). Returns what :func:`feature_maps`

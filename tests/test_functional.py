@@ -7,6 +7,7 @@ Tolerances are relative to the largest magnitude of the expected output (conftes
 import itertools
 import subprocess
 import textwrap
+
 import numpy as np
 import pytest
 from conftest import (
@@ -56,8 +57,9 @@ def test_max_pool2d(case):
     assert_close(fc.max_pool2d(*case.args, **case.kwargs), expected_out)
 
 
-# Windows holding no input element are tested in a subprocess below (test_max_pool_*_empty_window):
-# a wrong index there makes the backward write outside its array.
+# Windows holding no input element are tested in a subprocess below
+# (test_max_pool_window_without_input_elements): a wrong index there makes the backward write
+# outside its array, which would take this whole test run down.
 @settings(max_examples=EXAMPLES)
 @given(pool_cases("max", empty_windows=False))
 def test_max_pool2d_backward(case):

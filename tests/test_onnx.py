@@ -174,6 +174,11 @@ CASES = [
     ),
     Case(
         "MaxPool",
+        {"x": (2, 3, 8, 8)},
+        dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="VALID", ceil_mode=1),
+    ),
+    Case(
+        "MaxPool",
         {"x": (2, 3, 6, 6)},
         dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]),
         opset=9,
@@ -379,6 +384,37 @@ def test_operator_parity_with_onnxruntime(case):
     model = fo.load(data)
     actual = model(*(feeds[i.name] for i in model.inputs))
     assert_close(actual, expected, RTOL, what=case.id)
+
+
+@pytest.mark.parametrize("op", ["Conv", "MaxPool", "AveragePool"])
+def test_random_window_geometries_match_onnxruntime(op):
+    """Kernels, strides, dilations, asymmetric pads, ceil_mode, count_include_pad at random."""
+    rng = np.random.default_rng({"Conv": 0, "MaxPool": 1, "AveragePool": 2}[op])
+    checked = 0
+    for _ in range(60):
+        k = [int(v) for v in rng.integers(1, 5, 2)]
+        attrs = {"kernel_shape": k, "strides": [int(v) for v in rng.integers(1, 4, 2)]}
+        attrs["pads"] = [int(rng.integers(0, k[i % 2])) for i in range(4)]
+        if op != "AveragePool":
+            attrs["dilations"] = [int(v) for v in rng.integers(1, 3, 2)]
+        if op != "Conv":
+            attrs["ceil_mode"] = int(rng.integers(0, 2))
+        if op == "AveragePool":
+            attrs["count_include_pad"] = int(rng.integers(0, 2))
+        span = [attrs.get("dilations", [1, 1])[i] * (k[i] - 1) + 1 for i in range(2)]
+        size = tuple(int(s + rng.integers(0, 5)) for s in span)
+        inputs = {"x": (2, 2, *size)}
+        if op == "Conv":
+            inputs["w"] = W(3, 2, *k)
+        case = Case(op, inputs, attrs)
+        try:
+            data, feeds = case.build(seed=checked)
+        except Exception:  # a geometry onnxruntime refuses (e.g. an output of size 0)
+            continue
+        (expected,) = onnxruntime_outputs(data, feeds)
+        assert_close(fo.load(data)(feeds["x"]), expected, RTOL, what=str(attrs))
+        checked += 1
+    assert checked >= 40
 
 
 # -- gradients: finite differences through the graph, in float64 ----------------------------------

@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from trained_models import fastconv_command, need_mnist, png_bytes, small_model, test_digits
 
 from fastconv import io, plots, train
 
 pytest.importorskip("matplotlib", reason='plots need matplotlib: pip install "fastconv[viz]"')
-from PIL import Image  # noqa: E402
 
 TRAIN_BLUE, VAL_RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)
 
@@ -262,7 +262,7 @@ def test_cli_evaluate_plot(model_file, tmp_path):
 def test_cli_show(model_file, digits, tmp_path):
     if not _cli_has("show"):
         pytest.skip("fastconv show not wired yet")
-    pixels, _, labels = digits
+    pixels, _, _ = digits
     image = tmp_path / "digit.png"
     image.write_bytes(png_bytes(pixels[0], scale=4, invert=True))
     out = tmp_path / "show"

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from trained_models import fastconv_command, png_bytes, small_model, test_digits
 
+from fastconv import io, serve
+
 pytest.importorskip("starlette", reason='the web app needs: pip install "fastconv[serve]"')
 pytest.importorskip("uvicorn", reason='the web app needs: pip install "fastconv[serve]"')
-
-from fastconv import io, serve  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Using .httpx. with .starlette.testclient."),
@@ -139,6 +139,25 @@ def test_content_type_parameters_are_ignored(client, digit_files):
     assert response.status_code == 200 and response.json()["class"] == label
 
 
+def test_an_onnx_export_gives_the_same_answers(model_file, digit_files, tmp_path):
+    pytest.importorskip("onnx", reason='ONNX files need: pip install "fastconv[onnx]"')
+    from starlette.testclient import TestClient
+
+    from fastconv import onnx
+
+    model, meta = io.load_model(model_file)
+    onnx.save(model, tmp_path / "model.onnx", input_shape=(1, 28, 28), meta=meta)
+    with TestClient(serve.create_app(model_file)) as npz, \
+            TestClient(serve.create_app(tmp_path / "model.onnx")) as exported:
+        assert exported.get("/api/model").json()["classes"] == meta["classes"]
+        for path, _ in digit_files[::3]:
+            body, kind = path.read_bytes(), TYPES[path.suffix]
+            expected, answer = post(npz, body, kind).json(), post(exported, body, kind).json()
+            assert answer["class"] == expected["class"]
+            np.testing.assert_allclose(answer["probabilities"], expected["probabilities"],
+                                       rtol=0, atol=1e-5)
+
+
 # -- bad requests ----------------------------------------------------------------------------------
 
 
@@ -204,7 +223,7 @@ def test_a_smaller_limit(model_file, digit_files):
         serve.create_app(model_file, max_body=0)
 
 
-# -- a real server: streaming limit, concurrency, the event loop stays free --------------------------
+# -- a real server: streaming limit, concurrency, the event loop stays free ------------------
 
 
 @contextmanager

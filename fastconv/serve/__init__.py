@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "create_app", "run", "serve_app", "require_dependencies", "Predictor", "MAX_BODY", "INSTALL_HINT",
+    "INSTALL_HINT",
+    "MAX_BODY",
+    "Predictor",
+    "create_app",
+    "require_dependencies",
+    "run",
+    "serve_app",
 ]
 
 MAX_BODY = 5 * 1024 * 1024  # bytes; a phone photo fits, a flood does not
@@ -77,9 +83,9 @@ class Predictor:
 
     @classmethod
     def load(cls, source) -> Predictor:
-        """From a model file path (``.npz``, or ``.onnx`` once :mod:`fastconv.onnx` reads
-        them), a ``(model, meta)`` pair such as :func:`fastconv.io.load_model` returns, a
-        Predictor, or a bare model (then without class names or normalisation)."""
+        """From a model file path (fastconv's ``.npz`` or an ONNX file), a ``(model, meta)``
+        pair such as :func:`fastconv.io.load_model` returns, a Predictor, or a bare model (then
+        without class names or normalisation)."""
         if isinstance(source, Predictor):
             return source
         if isinstance(source, (str, os.PathLike)):
@@ -138,22 +144,16 @@ class Predictor:
 
 
 def _load_model_file(path):
-    """The same loading as the command line: ``.onnx`` through :mod:`fastconv.onnx` (when it is
-    there), anything else as a fastconv model file."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        try:
-            from .. import onnx
-        except ImportError as err:
-            raise ValueError(f"{path}: cannot read ONNX models here: {err}") from None
-        loader = getattr(onnx, "load_model", None) or getattr(onnx, "import_model", None)
-        if loader is None:
-            raise ValueError(f"{path}: fastconv.onnx has no model loader")
-        loaded = loader(path)
-        return loaded if isinstance(loaded, tuple) else (loaded, {})
-    from ..io import load_model
+    """``(model, meta)`` from a fastconv model file, or from an ONNX file (recognised by
+    :func:`fastconv.onnx.is_onnx`: suffix or contents) through :func:`fastconv.onnx.load_model`."""
+    from .. import io, onnx
 
-    return load_model(path)
+    if not onnx.is_onnx(path):
+        return io.load_model(path)
+    try:
+        return onnx.load_model(path)
+    except ImportError as err:  # the onnx package is an optional extra
+        raise ValueError(f"{path}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def _clean(message: str) -> str:
 
 
 def require_dependencies() -> None:
-    """Raise ``ImportError`` (one line saying what to install) if Starlette or uvicorn is missing."""
+    """Raise ``ImportError`` (one line: what to install) if Starlette or uvicorn is missing."""
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
