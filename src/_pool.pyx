@@ -11,7 +11,7 @@ loop body, shared sizes would be reloaded after every int64 store (they may alia
 """
 
 from cython.parallel cimport prange
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 
 from common cimport real, valid_range
@@ -78,6 +78,37 @@ cdef void _max_plane_interior(const real *x, real *out, int64_t *indices, Pool g
                     best = x[best_index]
             out[oh * g.out_w + ow] = best
             indices[oh * g.out_w + ow] = best_index
+
+
+cdef void _max_plane_values(const real *x, real *out, Pool g) noexcept nogil:
+    """Interior windows, values only (inference): max then NaN, both branch-free."""
+    cdef Py_ssize_t oh, ow, i, j, start
+    cdef real best, value
+    cdef bint nan
+    for oh in range(g.out_h):
+        for ow in range(g.out_w):
+            start = oh * g.sh * g.width + ow * g.sw
+            best = x[start]
+            nan = False
+            for i in range(g.kh):
+                for j in range(g.kw):
+                    value = x[start + i * g.dh * g.width + j * g.dw]
+                    nan = nan | (value != value)
+                    best = value if value > best else best
+            out[oh * g.out_w + ow] = NAN if nan else best  # NaN wins, as in torch
+
+
+def max_pool2d_values(const real[:, :, ::1] x, real[:, :, ::1] out, tuple args, int num_threads):
+    """max_pool2d without indices, for windows that all lie inside the plane (see _interior)."""
+    cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args)
+    cdef Py_ssize_t plane
+    for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
+        _max_plane_values(&x[plane, 0, 0], &out[plane, 0, 0], g)
+
+
+def interior(tuple shape, tuple args):
+    """Whether every window of a (H, W) plane with these pool args lies inside it."""
+    return _interior(_pool(shape[0], shape[1], shape[2], shape[3], args))
 
 
 def max_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, int64_t[:, :, ::1] indices,
