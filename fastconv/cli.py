@@ -664,9 +664,8 @@ def cmd_serve(args) -> int:
         raise UserError(str(err)) from None
     options = {} if args.max_body is None else {"max_body": args.max_body}
     app = serve.create_app(args.model, **options)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.model} at http://{host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    serve.serve_app(app, host=args.host, port=args.port)
+    serve.serve_app(app, host=args.host, port=args.port, ready=lambda url: print(
+        f"serving {args.model} at {url} (Ctrl-C to stop)", flush=True))
     return 0
 
 

@@ -8,9 +8,11 @@ default import mode, and for `python tests/test_fuzz.py`).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,23 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import fastconv
+
+# Real MNIST / Fashion-MNIST: $FASTCONV_DATA_DIR, else ../shared/data beside the checkout.
+DATA_ROOT = Path(
+    os.environ.get("FASTCONV_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _outside_the_checkout(tmp_path_factory):
+    """`python -m fastconv` and `python -c` put the working directory first on sys.path: run
+    every test (and so every subprocess) from elsewhere, so they import the installed package,
+    not the uncompiled source tree of the checkout."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
+
 
 # Deterministic runs: the same examples every time, nothing written to .hypothesis/.
 settings.register_profile(

@@ -14,6 +14,7 @@ import pytest
 
 from fastconv import datasets
 from fastconv.datasets import FILE_NAMES, fashion_mnist, mnist, read_idx
+from conftest import DATA_ROOT
 
 IMAGES, LABELS = datasets.SPLIT_FILES["train"]
 
@@ -311,7 +312,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 # --- the real files, when present ------------------------------------------------------------
 
-REAL_ROOT = Path(os.environ.get("FASTCONV_DATA_DIR", "/work/shared/data"))
+REAL_ROOT = DATA_ROOT
 # MD5 of the decompressed MNIST files (/work/shared/data/README.md): a checksum of every pixel.
 MNIST_RAW_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageOps
 from fastconv import datasets
 from fastconv.datasets import MNIST_MEAN, MNIST_STD
 from fastconv.preprocess import load_images, to_mnist_input
+from conftest import DATA_ROOT
 
 BACKGROUND = (0 - MNIST_MEAN) / MNIST_STD  # the normalised value of a black pixel
 
@@ -212,7 +213,7 @@ def test_unsupported_type():
 
 # --- real MNIST digits ------------------------------------------------------------------------
 
-REAL_ROOT = Path(os.environ.get("FASTCONV_DATA_DIR", "/work/shared/data"))
+REAL_ROOT = DATA_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ from fastconv.train import (
     random_shift, split_validation,
 )
 
-DATA_DIR = Path(os.environ.get("FASTCONV_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
+from conftest import DATA_ROOT  # noqa: E402
+
+DATA_DIR = DATA_ROOT
 
 
 def mnist_or_skip(split):

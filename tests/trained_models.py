@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import fastconv
+from conftest import DATA_ROOT
 
-DATA_ROOT = Path(os.environ.get("FASTCONV_DATA_DIR", "/work/shared/data"))
 MNIST_DIR = DATA_ROOT / "mnist"
 
 

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -269,9 +271,36 @@ def run(model, host: str = "127.0.0.1", port: int = 8000, max_body: int = MAX_BO
     serve_app(create_app(model, max_body=max_body), host, port, log_level)
 
 
-def serve_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Serve an app made by :func:`create_app` with uvicorn until interrupted (Ctrl-C)."""
+def serve_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+              ready: Callable[[str], None] | None = None) -> None:
+    """Serve an app made by :func:`create_app` with uvicorn until interrupted (Ctrl-C).
+
+    The address is bound first, so a port in use raises ``OSError`` ("cannot listen on ...")
+    here; then ``ready(url)`` is called (the command line prints it) and requests are served.
+    """
     require_dependencies()
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = _listen(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    if ready is not None:
+        ready(f"http://{shown}:{sock.getsockname()[1]}/")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
