@@ -29,7 +29,7 @@ FASHION_CLASSES = [
 ]
 # Training settings that define a run: a resumed run must keep them (a checkpoint stores them).
 RUN_DEFAULTS = {
-    "dataset": "mnist", "arch": "digit-cnn", "epochs": 3, "batch_size": 128, "optimizer": "adamw",
+    "dataset": "mnist", "arch": "digit-cnn", "epochs": 3, "batch_size": 64, "optimizer": "adamw",
     "lr": None, "weight_decay": None, "momentum": 0.9, "schedule": "cosine", "augment": True,
     "label_smoothing": 0.0, "seed": 0, "limit": None, "val_size": 5000, "patience": None,
 }
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(commands, threads)
     add_show_parser(commands, threads)
     add_serve_parser(commands, threads)
+    add_bench_parser(commands, threads)
     add_info_parser(commands)
     return parser
 
@@ -142,7 +143,7 @@ def add_train_parser(commands, threads) -> None:
     run.add_argument("--arch", help="architecture: digit-cnn (default) or lenet5")
     run.add_argument("--epochs", type=positive_int, help="epochs (default: 3)")
     run.add_argument("--batch-size", type=positive_int, metavar="N",
-                     help="mini-batch size (default: 128)")
+                     help="mini-batch size (default: 64)")
     run.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
                      help="optimiser (default: adamw)")
     run.add_argument("--lr", type=positive_float,
@@ -258,6 +259,24 @@ def add_serve_parser(commands, threads) -> None:
     p.add_argument("--max-body", type=positive_int, metavar="BYTES",
                    help="largest image accepted, in bytes (default: 5242880, 5 MiB)")
     p.set_defaults(func=cmd_serve)
+
+
+def add_bench_parser(commands, threads) -> None:
+    p = commands.add_parser(
+        "bench", parents=[threads], help="time every kernel against the NumPy reference and torch",
+        description="Time every fastconv kernel and a LeNet-class training step and inference "
+                    "against the pure-NumPy reference and against PyTorch (when installed); "
+                    "print one table with speed-ups, GFLOP/s and the share of the sgemm "
+                    "ceiling measured on this machine.",
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="also draw the speed-ups as a bar chart (needs fastconv[viz])")
+    p.add_argument("--only", nargs="+", metavar="TEXT",
+                   help="only the operations whose name contains one of these, e.g. 'conv' 'LeNet'")
+    p.add_argument("--budget", type=positive_float, default=0.3, metavar="SECONDS",
+                   help="time spent timing each case on each backend (default: 0.3)")
+    p.set_defaults(func=cmd_bench)
 
 
 def add_info_parser(commands) -> None:
@@ -708,6 +727,26 @@ def _curves_writer(history_of, path: Path | None, log):
 
 # --------------------------------------------------------------------------------------------
 # info
+
+
+def cmd_bench(args) -> int:
+    from . import bench, get_num_threads
+
+    plots = _plots() if args.plot else None  # fail before the run, not after it
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        print(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; NumPy's sgemm "
+              "may run far below this CPU's speed (unset it, and OPENBLAS_L2_SIZE, to benchmark)",
+              file=sys.stderr)
+    rows, ceiling = bench.run(threads=get_num_threads(), budget=args.budget, selected=args.only)
+    print(bench.format_table(rows, ceiling))
+    print(f"threads: {get_num_threads()}")
+    if args.json:
+        args.json.write_text(json.dumps({"sgemm_gflops": ceiling, "threads": get_num_threads(),
+                                         "rows": rows}, indent=2))
+    if plots is not None:
+        plots.plot_benchmark(rows, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
 
 
 def cmd_info(args) -> int:

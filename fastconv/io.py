@@ -29,9 +29,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._safetensors import load_safetensors, save_safetensors
+
 __all__ = [
     "save_model", "load_model", "ModelFile", "save_checkpoint", "load_checkpoint", "Checkpoint",
-    "SaveError", "HEADER_KEY",
+    "SaveError", "HEADER_KEY", "load_safetensors", "save_safetensors",
 ]
 
 HEADER_KEY = "__fastconv__"
