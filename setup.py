@@ -15,7 +15,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["_conv", "_pool"]  # src/<name>.pyx -> fastconv.<name>
+KERNELS = ["_conv", "_pool", "_norm"]  # src/<name>.pyx -> fastconv.<name>
 
 
 def compiler_has_openmp() -> bool:

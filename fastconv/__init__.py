@@ -13,8 +13,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .functional import (
-    avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, fold, max_pool2d,
-    max_pool2d_backward, set_workspace_limit, unfold, workspace_limit,
+    avg_pool2d, avg_pool2d_backward, batch_norm, batch_norm_backward, conv2d, conv2d_backward,
+    fold, max_pool2d, max_pool2d_backward, set_workspace_limit, unfold, workspace_limit,
 )
 from .threads import get_num_threads, set_num_threads
 
@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-    "avg_pool2d_backward", "unfold", "fold", "set_num_threads", "get_num_threads",
+    "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
+    "set_num_threads", "get_num_threads",
     "set_workspace_limit", "workspace_limit",
 ]
 

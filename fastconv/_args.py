@@ -329,3 +329,44 @@ def pool_indices(indices, shape: tuple[int, ...], g: ConvGeometry, unbatched: bo
     # input element): a separate pass here would read them all twice.
     indices = np.ascontiguousarray(indices, dtype=np.int64)
     return indices[np.newaxis] if unbatched else indices
+
+
+@dataclass(frozen=True)
+class NormArgs:
+    x: np.ndarray  # (N, C, L): every axis after the channel flattened
+    weight: np.ndarray  # length C, or 0 for none
+    bias: np.ndarray
+    shape: tuple[int, ...]  # the input's own shape
+
+
+def batch_norm_args(x, running_mean, running_var, weight, bias, training,
+                    statistics_given: bool = False) -> NormArgs:
+    """Validate batch_norm's arguments as torch.nn.functional.batch_norm does.
+
+    statistics_given: the caller holds the forward's mean and 1/std (a backward pass), so eval
+    mode needs no running statistics here.
+    """
+    x = float_array("input", x)
+    if x.ndim < 2:
+        raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    channels = x.shape[1]
+    vectors = {}
+    for name, value in (("running_mean", running_mean), ("running_var", running_var),
+                        ("weight", weight), ("bias", bias)):
+        if value is None:
+            vectors[name] = np.empty(0, dtype=x.dtype)
+            continue
+        array = value if name.startswith("running") else float_array(name, value, x.dtype)
+        if not isinstance(array, np.ndarray) or array.shape != (channels,):
+            raise ValueError(f"{name}: expected shape ({channels},) for input {x.shape}, "
+                             f"got {getattr(array, 'shape', type(array).__name__)}")
+        vectors[name] = array
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: give both or neither")
+    if not training and running_mean is None and not statistics_given:
+        raise ValueError("running_mean: needed when training=False")
+    count = x.size // channels if channels else 0
+    if training and count < 2:
+        raise ValueError(f"input: expected more than 1 value per channel when training, got shape {x.shape}")
+    flat = x.reshape(x.shape[0], channels, -1) if x.size else x.reshape(x.shape[0], channels, 0)
+    return NormArgs(flat, vectors["weight"], vectors["bias"], x.shape)

@@ -13,12 +13,12 @@ import threading
 
 import numpy as np
 
-from . import _args, _blas, _conv, _pool
+from . import _args, _blas, _conv, _norm, _pool
 from .threads import get_num_threads
 
 __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
-    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold",
+    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
     "set_workspace_limit", "workspace_limit",
 ]
 
@@ -253,3 +253,70 @@ def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     out = np.empty((g.n, g.c_in, g.h, g.w), dtype=cols.dtype)
     _conv.col2im(cols, out, g.kernel_args, get_num_threads())
     return _finish(out, unbatched)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalisation over axis 1 of (N, C, ...), as torch.nn.functional.batch_norm.
+
+    training=True normalises with the batch's statistics and, when running_mean/running_var are
+    given, updates them in place (unbiased variance, weight `momentum`).
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """batch_norm, also returning the (mean, invstd) that batch_norm_backward needs."""
+    a = _args.batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    channels = a.x.shape[1]
+    mean = np.zeros(channels) if training else np.asarray(running_mean, dtype=np.float64)
+    var = np.zeros(channels) if training else np.asarray(running_var, dtype=np.float64)
+    invstd = np.empty(channels)
+    out = np.empty_like(a.x)
+    _norm.batch_norm_forward(a.x, out, a.weight, a.bias, mean, var, invstd, bool(training),
+                             float(eps), get_num_threads())
+    if training and running_mean is not None:
+        count = a.x.size // channels
+        running_mean *= 1 - momentum
+        running_mean += (momentum * mean).astype(running_mean.dtype)
+        running_var *= 1 - momentum
+        running_var += (momentum * var * count / (count - 1)).astype(running_var.dtype)
+    return out.reshape(a.shape), mean, invstd
+
+
+def batch_norm_backward(grad_output, input, weight=None, running_mean=None, running_var=None,
+                        training=False, eps=1e-5, *, output_mask=(True, True, True)):
+    """Gradients of batch_norm w.r.t. (input, weight, bias), as torch autograd gives them."""
+    a = _args.batch_norm_args(input, running_mean, running_var, weight, None, training)
+    if training:
+        channels = a.x.shape[1]
+        stats = [np.zeros(channels), np.zeros(channels), np.empty(channels)]
+        _norm.batch_norm_forward(a.x, np.empty_like(a.x), a.weight, a.bias, *stats, True,
+                                 float(eps), get_num_threads())
+        mean, invstd = stats[0], stats[2]
+    else:
+        mean = np.asarray(running_mean, dtype=np.float64)
+        invstd = 1 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+    return _batch_norm_backward(grad_output, a, mean, invstd, training, output_mask)
+
+
+def _batch_norm_backward(grad_output, a, mean, invstd, training, output_mask):
+    """batch_norm_backward given the forward's statistics; `a` is _args.NormArgs or (x, weight)."""
+    if isinstance(a, tuple):
+        a = _args.batch_norm_args(a[0], None, None, a[1], None, training, statistics_given=True)
+    grad = _args.float_array("grad_output", grad_output, a.x.dtype)
+    if grad.shape != a.shape:
+        raise ValueError(f"grad_output: expected shape {a.shape} (the input's), got {grad.shape}")
+    channels = a.x.shape[1]
+    grad_weight, grad_bias = np.empty(channels), np.empty(channels)
+    grad_input = np.empty_like(a.x) if output_mask[0] else np.empty((0, 0, 0), a.x.dtype)
+    _norm.batch_norm_backward(
+        grad.reshape(a.x.shape), a.x, a.weight, mean, invstd, grad_input, grad_weight, grad_bias,
+        bool(training), bool(output_mask[0]), get_num_threads(),
+    )
+    dtype = a.x.dtype
+    return (
+        grad_input.reshape(a.shape) if output_mask[0] else None,
+        grad_weight.astype(dtype) if output_mask[1] else None,
+        grad_bias.astype(dtype) if output_mask[2] else None,
+    )

@@ -13,7 +13,7 @@ from . import _args
 
 __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
-    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold",
+    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
 ]
 
 
@@ -193,3 +193,53 @@ def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
         for j in range(g.kw):
             _window(padded, g, i, j)[...] += blocks[:, :, i, j]
     return _finish(np.ascontiguousarray(_unpad(padded, g)), unbatched)
+
+
+def _channel_view(a):
+    """(N, C, ...) as (N, C, L), and the axes to reduce over to get one value per channel."""
+    flat = a.reshape(a.shape[0], a.shape[1], -1)
+    return flat, (0, 2)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    a = _args.batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    x, axes = _channel_view(a.x)
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+        if running_mean is not None:
+            count = x.size // x.shape[1]
+            running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+            running_var[...] = (1 - momentum) * running_var + momentum * var * count / (count - 1)
+    else:
+        mean, var = running_mean, running_var
+    out = (x - mean[:, None]) / np.sqrt(var[:, None] + eps)
+    if a.weight.size:
+        out = out * a.weight[:, None]
+    if a.bias.size:
+        out = out + a.bias[:, None]
+    return out.astype(a.x.dtype).reshape(a.shape)
+
+
+def batch_norm_backward(grad_output, input, weight=None, running_mean=None, running_var=None,
+                        training=False, eps=1e-5):
+    a = _args.batch_norm_args(input, running_mean, running_var, weight, None, training)
+    x, axes = _channel_view(a.x)
+    grad = _args.float_array("grad_output", grad_output, a.x.dtype).reshape(x.shape)
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    else:
+        mean, var = running_mean, running_var
+    invstd = 1 / np.sqrt(var + eps)
+    xhat = (x - mean[:, None]) * invstd[:, None]
+    scale = invstd * (a.weight if a.weight.size else 1)
+    grad_bias = grad.sum(axis=axes)
+    grad_weight = (grad * xhat).sum(axis=axes)
+    if training:  # the batch's mean and variance depend on x too
+        count = x.size // x.shape[1]
+        grad_x = scale[:, None] * (grad - grad_bias[:, None] / count
+                                   - xhat * grad_weight[:, None] / count)
+    else:
+        grad_x = scale[:, None] * grad
+    dtype = a.x.dtype
+    return grad_x.astype(dtype).reshape(a.shape), grad_weight.astype(dtype), grad_bias.astype(dtype)

@@ -318,57 +318,32 @@ class _BatchNorm(Module):
         self._check_input(x)
         if self.affine or self.track_running_stats:
             _check_dtype(self, x, self.dtype)
-        shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcasts a per-channel vector
         self._batch_stats = self.training or not self.track_running_stats
-        if self._batch_stats:
-            count = x.size // x.shape[1]
-            if count < 2:
-                raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
-                                 f"when training, got input of shape {x.shape}")
-            mean = x.mean(axis=(0, *range(2, x.ndim)))
-            xhat = x - mean.reshape(shape)
-            var = _channel_dot(xhat, xhat) / count  # biased, for normalising
-            if self.track_running_stats:
-                self._update_running_stats(mean, var * (count / (count - 1)))
-        else:
-            xhat = x - self.running_mean.reshape(shape)
-            var = self.running_var
-        self._invstd = 1 / np.sqrt(var + self.eps)
-        xhat *= self._invstd.reshape(shape)
-        self._xhat = xhat
-        if not self.affine:
-            return xhat
-        out = xhat * self.weight.data.reshape(shape)
-        if self.bias is not None:
-            out += self.bias.data.reshape(shape)
+        update = self.training and self.track_running_stats
+        factor = 0.0
+        if update:
+            self.num_batches_tracked += 1
+            factor = 1 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self._x = x
+        out, self._mean, self._invstd = F._batch_norm(
+            x, self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            None if self.weight is None else self.weight.data,
+            None if self.bias is None else self.bias.data,
+            self._batch_stats, factor, self.eps,
+        )
         return out
 
-    def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray) -> None:
-        self.num_batches_tracked += 1
-        factor = 1 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
-        for running, batch in ((self.running_mean, mean), (self.running_var, unbiased_var)):
-            running *= 1 - factor
-            running += factor * batch
-
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
-        xhat, shape = self._xhat, (1, -1) + (1,) * (grad_output.ndim - 2)
-        grad_bias = grad_output.sum(axis=(0, *range(2, grad_output.ndim)))
-        grad_weight = _channel_dot(grad_output, xhat)
+        weight = None if self.weight is None else self.weight.data
+        grad_input, grad_weight, grad_bias = F._batch_norm_backward(
+            grad_output, (self._x, weight), self._mean, self._invstd, self._batch_stats,
+            (self.needs_input_grad, self.affine, self.bias is not None),
+        )
         if self.affine:
             self.weight.accumulate(grad_weight)
         if self.bias is not None:
             self.bias.accumulate(grad_bias)
-        if not self.needs_input_grad:
-            return None
-        scale = self.weight.data * self._invstd if self.affine else self._invstd
-        if not self._batch_stats:  # the statistics are constants
-            return grad_output * scale.reshape(shape)
-        # The batch's mean and variance depend on x too: subtract their share.
-        count = grad_output.size // grad_output.shape[1]
-        grad_input = xhat * (-grad_weight / count).reshape(shape)
-        grad_input += grad_output
-        grad_input -= (grad_bias / count).reshape(shape)
-        grad_input *= scale.reshape(shape)
         return grad_input
 
     @property
@@ -389,12 +364,6 @@ class _BatchNorm(Module):
 
     def _check_input(self, x: np.ndarray) -> None:
         raise NotImplementedError
-
-
-def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sum over every axis but 1 of a * b, without a temporary the size of a."""
-    a3 = a.reshape(a.shape[0], a.shape[1], -1)
-    return np.einsum("ncl,ncl->c", a3, b.reshape(a3.shape))
 
 
 @register

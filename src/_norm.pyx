@@ -1,0 +1,89 @@
+# cython: language_level=3
+"""Batch normalisation, forward and backward, one channel per task.
+
+Arguments are trusted (fastconv.functional validated them). x is (N, C, L): every axis after the
+channel flattened. Sums accumulate in double; the statistics take two passes over the channel
+(mean, then squared deviations) as torch does, and the normalised input is never stored: the
+backward pass recomputes it from x, the mean and 1/std.
+"""
+
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+from common cimport real
+
+
+def batch_norm_forward(const real[:, :, ::1] x, real[:, :, ::1] out, const real[::1] weight,
+                       const real[::1] bias, double[::1] mean, double[::1] var,
+                       double[::1] invstd, bint use_batch_stats, double eps, int num_threads):
+    """out = (x - mean) * invstd * weight + bias per channel.
+
+    With use_batch_stats, mean and var (biased) are computed here and written out; otherwise
+    they are read (the running statistics). invstd is written either way. weight/bias have
+    length C, or 0 for none.
+    """
+    cdef Py_ssize_t n_count = x.shape[0], channels = x.shape[1], length = x.shape[2]
+    cdef Py_ssize_t c, n, i
+    cdef double total, deviation, scale, shift, m
+    for c in prange(channels, nogil=True, schedule="static", num_threads=num_threads):
+        if use_batch_stats:
+            total = 0
+            for n in range(n_count):
+                for i in range(length):
+                    total = total + x[n, c, i]
+            m = total / (n_count * length)
+            total = 0
+            for n in range(n_count):
+                for i in range(length):
+                    deviation = x[n, c, i] - m
+                    total = total + deviation * deviation
+            mean[c] = m
+            var[c] = total / (n_count * length)
+        invstd[c] = 1 / sqrt(var[c] + eps)
+        scale = invstd[c] * (weight[c] if weight.shape[0] > 0 else 1)
+        shift = (bias[c] if bias.shape[0] > 0 else 0) - mean[c] * scale
+        for n in range(n_count):
+            for i in range(length):
+                out[n, c, i] = <real>(x[n, c, i] * scale + shift)
+
+
+def batch_norm_backward(const real[:, :, ::1] grad, const real[:, :, ::1] x,
+                        const real[::1] weight, const double[::1] mean,
+                        const double[::1] invstd, real[:, :, ::1] grad_input,
+                        double[::1] grad_weight, double[::1] grad_bias, bint use_batch_stats,
+                        bint want_input, int num_threads):
+    """grad_bias = sum(grad), grad_weight = sum(grad * xhat); grad_input if want_input.
+
+    With batch statistics the mean and variance depend on x, which subtracts their share:
+    grad_input = scale * (grad - grad_bias / count - xhat * grad_weight / count).
+    """
+    cdef Py_ssize_t n_count = x.shape[0], channels = x.shape[1], length = x.shape[2]
+    cdef Py_ssize_t c, n, i
+    cdef double sum_grad, sum_grad_xhat, m, s, scale, count = n_count * length
+    cdef double g_mean, gx_mean
+    for c in prange(channels, nogil=True, schedule="static", num_threads=num_threads):
+        m = mean[c]
+        s = invstd[c]
+        sum_grad = 0
+        sum_grad_xhat = 0
+        for n in range(n_count):
+            for i in range(length):
+                sum_grad = sum_grad + grad[n, c, i]
+                sum_grad_xhat = sum_grad_xhat + grad[n, c, i] * (x[n, c, i] - m)
+        sum_grad_xhat = sum_grad_xhat * s
+        grad_bias[c] = sum_grad
+        grad_weight[c] = sum_grad_xhat
+        if not want_input:
+            continue
+        scale = s * (weight[c] if weight.shape[0] > 0 else 1)
+        if use_batch_stats:
+            g_mean = sum_grad / count
+            gx_mean = sum_grad_xhat / count
+            for n in range(n_count):
+                for i in range(length):
+                    grad_input[n, c, i] = <real>(
+                        scale * (grad[n, c, i] - g_mean - (x[n, c, i] - m) * s * gx_mean))
+        else:
+            for n in range(n_count):
+                for i in range(length):
+                    grad_input[n, c, i] = <real>(scale * grad[n, c, i])
