@@ -355,13 +355,12 @@ def predict_dask(model_or_path, images, client=None, batch_size: int = 256) -> n
     model file's normalisation). The paths must be readable by the workers; an unreadable
     image raises ``ValueError`` (see :func:`predict_files_dask` to get the others anyway).
     ``client``: a ``distributed.Client``; default: the current one, else a temporary
-    ``LocalCluster`` with one single-threaded worker per core. The results equal
-    ``fastconv.train.predict_proba(model, x, batch_size)`` on one machine, in input order,
-    also when a worker dies during the run (its tasks run again elsewhere).
+    ``LocalCluster`` with one single-threaded worker per core. Each task predicts
+    ``batch_size`` images. The results equal ``fastconv.train.predict_proba(model, x,
+    batch_size)`` on one machine, in input order, also when a worker dies during the run (its
+    tasks run again elsewhere).
     """
-    if isinstance(images, (str, os.PathLike)) or (
-        isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, os.PathLike))
-    ):
+    if _are_paths(images):
         result = predict_files_dask(model_or_path, images, client, batch_size)
         if result.errors:
             shown = "; ".join(result.errors[i] for i in sorted(result.errors)[:3])
@@ -370,13 +369,12 @@ def predict_dask(model_or_path, images, client=None, batch_size: int = 256) -> n
                              + (f" (and {more} more)" if more > 0 else ""))
         return result.probabilities
     _check_batch_size(batch_size)
-    model = _ModelBlob.of(model_or_path)
+    if np.ndim(images) != 4 and getattr(images, "ndim", None) != 4:
+        raise ValueError(f"images: expected (N, C, H, W), got shape {np.shape(images)}")
+    model = _ModelBlob.of(model_or_path, list(images.shape[1:]))
     blocks = _array_blocks(images, batch_size)
     with _client_or_local(client) as active:
-        model_task = model.task()
-        tasks = [_delayed()(_predict_block, pure=True)(model_task, block, batch_size,
-                                                       dask_key_name=f"fastconv-predict-{i}-{model.digest[:12]}-{_token(block)}")
-                 for i, block in enumerate(blocks)]
+        tasks = _tasks(_predict_block, model, blocks, batch_size, "fastconv-predict")
         parts = active.gather(active.compute(tasks))
     if not parts:
         return np.zeros((0, model.classes), dtype=np.float64)
@@ -385,25 +383,48 @@ def predict_dask(model_or_path, images, client=None, batch_size: int = 256) -> n
 
 def predict_files_dask(model_or_path, paths, client=None, batch_size: int = 256) -> FilePredictions:
     """:func:`predict_dask` for image files, keeping going past unreadable ones: their rows are
-    NaN and ``errors`` maps their index to a one-line reason. ``paths``: a list of files or a
-    folder (its images, sorted by name)."""
+    NaN and ``errors`` maps their index to a one-line reason naming the file. ``paths``: a list
+    of files or a folder (its images, sorted by name). Relative paths are resolved here, so
+    workers started elsewhere find the same files (on a shared file system)."""
     _check_batch_size(batch_size)
     files = _image_paths(paths)
     model = _ModelBlob.of(model_or_path)
-    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    absolute = [os.path.abspath(f) for f in files]
+    chunks = [absolute[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with _client_or_local(client) as active:
-        model_task = model.task()
-        tasks = [_delayed()(_predict_files, pure=True)(
-                     model_task, chunk, batch_size,
-                     dask_key_name=f"fastconv-files-{i}-{model.digest[:12]}-{_token(chunk)}")
-                 for i, chunk in enumerate(chunks)]
+        tasks = _tasks(_predict_files, model, chunks, batch_size, "fastconv-files")
         parts = active.gather(active.compute(tasks))
     probabilities = np.full((len(files), model.classes), np.nan)
     errors: dict[int, str] = {}
     for start, (probs, failed) in zip(range(0, len(files), batch_size), parts):
-        probabilities[start : start + len(probs)] = probs
-        errors.update({start + i: message for i, message in failed.items()})
+        if probs.shape[1]:
+            probabilities[start : start + len(probs)] = probs
+        for index, reason in failed.items():
+            name = files[start + index]
+            errors[start + index] = reason if name in reason else f"{name}: {reason}"
     return FilePredictions(probabilities, errors)
+
+
+def _are_paths(images) -> bool:
+    if isinstance(images, (str, os.PathLike)):
+        return True
+    return isinstance(images, (list, tuple)) and bool(images) and all(
+        isinstance(item, (str, os.PathLike)) for item in images)
+
+
+def _tasks(function, model, chunks, batch_size, prefix) -> list:
+    """One delayed call per chunk, all depending on the one model task."""
+    from dask.base import tokenize
+
+    delayed = _delayed()
+    model_task = delayed(_model_payload, pure=True)(
+        model.digest, model.blob, model.meta, dask_key_name=f"fastconv-model-{model.digest[:16]}")
+    return [
+        delayed(function, pure=True)(
+            model_task, chunk, batch_size,
+            dask_key_name=f"{prefix}-{index}-{tokenize(model.digest, chunk, batch_size)}")
+        for index, chunk in enumerate(chunks)
+    ]
 
 
 @contextmanager
@@ -431,19 +452,21 @@ def dask_client(address: str):
 
 
 class _ModelBlob:
-    """A model file's bytes and what the client needs to know about it."""
+    """A model file's bytes, its SHA-256, metadata and number of classes."""
 
     def __init__(self, blob: bytes, meta: dict, classes: int):
         self.blob, self.meta, self.classes = blob, meta, classes
         self.digest = hashlib.sha256(blob).hexdigest()
 
     @classmethod
-    def of(cls, model_or_path) -> _ModelBlob:
+    def of(cls, model_or_path, shape: list[int] | None = None) -> _ModelBlob:
+        """Read (and check) a model file, or write a model to bytes; ``shape`` (C, H, W) of the
+        inputs, default the file's ``input_shape``, is used to count the classes."""
         from . import io
         from .train import predict_proba
 
         if isinstance(model_or_path, (str, os.PathLike)):
-            model, meta = io.load_model(model_or_path)  # checks it here, with a clear error
+            model, meta = io.load_model(model_or_path)  # a bad file fails here, clearly
             blob = Path(model_or_path).read_bytes()
         else:
             model, meta = model_or_path, {}
@@ -451,22 +474,10 @@ class _ModelBlob:
                 path = Path(folder) / "model.npz"
                 io.save_model(model, path)
                 blob = path.read_bytes()
-        shape = meta.get("input_shape") or _input_shape(model)
+        shape = list(shape or meta.get("input_shape") or [1, 28, 28])
         dtype = next(iter(model.state_dict().values())).dtype
         classes = predict_proba(model, np.zeros((1, *shape), dtype=dtype)).shape[1]
-        return cls(blob, {**meta, "input_shape": list(shape)}, classes)
-
-    def task(self):
-        """A task whose result is (digest, bytes, meta): Dask can always run it again."""
-        return _delayed()(_model_payload, pure=True)(
-            self.digest, self.blob, self.meta, dask_key_name=f"fastconv-model-{self.digest[:16]}")
-
-
-def _input_shape(model) -> list[int]:
-    for module in model.modules():
-        if hasattr(module, "in_channels"):
-            return [int(module.in_channels), 28, 28]
-    return [1, 28, 28]
+        return cls(blob, meta, classes)
 
 
 def _model_payload(digest, blob, meta):
@@ -522,8 +533,8 @@ def _predict_files(payload, paths, batch_size):
             inputs.append(to_mnist_input(path, size=shape[1], mean=mean, std=std))
             kept.append(index)
         except (OSError, ValueError, TypeError) as err:
-            text = " ".join(str(err).split()) or type(err).__name__
-            errors[index] = text if str(path) in text else f"{path}: {text}"
+            text = f"{err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
+            errors[index] = " ".join(text.split()) or type(err).__name__
     probabilities = np.full((len(paths), 0), np.nan)
     if inputs:
         found = predict_proba(model, np.stack(inputs), batch_size)
@@ -534,14 +545,9 @@ def _predict_files(payload, paths, batch_size):
 
 def _array_blocks(images, batch_size) -> list:
     """NumPy slices of ``batch_size`` images, or the blocks of a dask.array rechunked so."""
-    if type(images).__module__.startswith("dask.array") or hasattr(images, "to_delayed"):
-        if images.ndim != 4:
-            raise ValueError(f"images: expected (N, C, H, W), got shape {images.shape}")
-        blocks = images.rechunk((batch_size, -1, -1, -1)).to_delayed()
-        return list(blocks.reshape(-1))
+    if hasattr(images, "to_delayed") and hasattr(images, "rechunk"):
+        return list(images.rechunk((batch_size, -1, -1, -1)).to_delayed().reshape(-1))
     array = np.asarray(images)
-    if array.ndim != 4:
-        raise ValueError(f"images: expected (N, C, H, W), got shape {array.shape}")
     return [array[i : i + batch_size] for i in range(0, len(array), batch_size)]
 
 
@@ -559,12 +565,6 @@ def _image_paths(paths) -> list[str]:
             raise ValueError(f"{folder}: no image files in this folder")
         return found
     return [os.fspath(p) for p in paths]
-
-
-def _token(obj) -> str:
-    from dask.base import tokenize
-
-    return tokenize(obj)[:12]
 
 
 def _delayed():

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -132,6 +132,12 @@ class Trainer:
 
     A checkpoint that cannot be written (disk full, permissions) leaves the previous one intact;
     a :class:`CheckpointWarning` says so and training continues.
+
+    ``parallel``: a :class:`fastconv.distributed.DataParallel` for data-parallel training over
+    MPI (None, or one rank: this process alone). ``batch_size`` is then the global batch: each
+    rank takes its shard of every batch (at least 2 samples, so a last batch smaller than twice
+    the ranks is dropped), gradients are averaged after backward and every rank takes the same
+    step; rank 0 alone shows progress, logs and writes checkpoints; validation is sharded.
     """
 
     def __init__(
@@ -139,7 +145,7 @@ class Trainer:
         batch_size: int = 64, seed: int = 0, augment: Callable | None = None,
         checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
         extra: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
-        handle_sigint: bool = True,
+        handle_sigint: bool = True, parallel=None,
     ):
         if criterion is None:
             from .nn import CrossEntropyLoss
@@ -167,6 +173,10 @@ class Trainer:
         self.stopped_early = False
         self._interrupted = False
         self._save_error: str | None = None
+        self.parallel = parallel if parallel is not None and parallel.size > 1 else None
+        if self.parallel is not None and batch_size < 2 * self.parallel.size:
+            raise ValueError(f"batch_size {batch_size} is too small for {self.parallel.size} "
+                             f"ranks: each rank needs at least 2 samples of every batch")
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -184,7 +194,8 @@ class Trainer:
         _check_positive_int("epochs", epochs)
         if patience is not None:
             _check_positive_int("patience", patience)
-        with self._sigint_guard():
+        guard = nullcontext() if self.parallel is None else self.parallel.guard()
+        with self._sigint_guard(), guard:  # data-parallel: an error in one rank ends the job
             while self.epoch < epochs and not self.stopped_early:
                 self._run_epoch(x, y, epochs, validation, patience, min_delta)
         return self.history
@@ -193,8 +204,9 @@ class Trainer:
         epoch, n, size = self.epoch, len(x), self.batch_size
         order = np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(n)
         steps = math.ceil(n / size)
-        if n % size == 1 and steps > 1:
-            steps -= 1  # a batch of one sample breaks BatchNorm's training statistics; drop it
+        last, ranks = n - (steps - 1) * size, 1 if self.parallel is None else self.parallel.size
+        if last < 2 * ranks and last < size and steps > 1:
+            steps -= 1  # a batch of one sample (per rank) breaks BatchNorm's statistics; drop it
         totals = self._totals
         if self.step == 0:
             totals.update(_fresh_totals(), lr=_current_lr(self.optimizer))
@@ -205,24 +217,32 @@ class Trainer:
             for step in range(self.step, steps):
                 index = order[step * size : (step + 1) * size]
                 xb, yb = x[index], y[index]
-                if self.augment is not None:
+                if self.augment is not None:  # data-parallel too: of the global batch, as alone
                     xb = self.augment(xb, np.random.default_rng([self.seed, _AUGMENT, epoch, step]))
+                if self.parallel is not None:  # this rank's shard; dropout streams of its own
+                    part = self.parallel.local(len(index))
+                    xb, yb = xb[part], yb[part]
+                    self.parallel.seed_step(_generators(self.model), [self.seed, epoch, step])
                 logits = self.model(xb)
                 loss = float(self.criterion(logits, yb))
                 self.model.zero_grad()
                 self.model.backward(self.criterion.backward())
+                loss_sum, correct = loss * len(yb), int((np.argmax(logits, axis=1) == yb).sum())
+                if self.parallel is not None:  # average gradients; sum counts; agree on Ctrl-C
+                    loss_sum, correct = self.parallel.reduce_step(
+                        self.model, len(yb), len(index), loss_sum, correct, self._interrupted)
                 self.optimizer.step()
                 if self.scheduler is not None and self.scheduler_interval == "step":
                     self.scheduler.step()
-                totals["loss"] += loss * len(yb)
-                totals["correct"] += int((np.argmax(logits, axis=1) == yb).sum())
-                totals["seen"] += len(yb)
+                totals["loss"] += loss_sum
+                totals["correct"] += correct
+                totals["seen"] += len(index)
                 self.step = step + 1
                 if bar is not None:
-                    bar.update(len(yb))
+                    bar.update(len(index))
                     bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}",
                                     acc=f"{totals['correct'] / totals['seen']:.2%}", refresh=False)
-                if self._interrupted:
+                if self._stopping():
                     totals["time"] += time.perf_counter() - started
                     self._stop(self.save_checkpoint())
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < steps:
@@ -241,8 +261,11 @@ class Trainer:
         row = dict(epoch=self.epoch + 1, train_loss=totals["loss"] / seen,
                    train_acc=totals["correct"] / seen, lr=totals["lr"])
         started = time.perf_counter()
+        if self.parallel is not None:  # same BatchNorm statistics everywhere; check the weights
+            self.parallel.end_epoch(self.model, self.epoch + 1)
         if validation is not None:
-            result = evaluate(self.model, *validation, batch_size=max(self.batch_size, 256))
+            score = evaluate if self.parallel is None else self.parallel.evaluate
+            result = score(self.model, *validation, batch_size=max(self.batch_size, 256))
             row.update(val_loss=result.loss, val_acc=result.accuracy)
         row["time"] = totals["time"] + time.perf_counter() - started
         self.history.append(**row)
@@ -256,14 +279,18 @@ class Trainer:
                 self.stopped_early = self.bad_epochs >= patience
         self.epoch, self.step = self.epoch + 1, 0
         self._totals = _fresh_totals()
-        if self.log is not None:
+        if self.log is not None and (self.parallel is None or self.parallel.rank == 0):
             self.log(_epoch_line(row, epochs, self.stopped_early))
         path = self.save_checkpoint()
-        if self._interrupted:
+        if self._stopping():
             self._stop(path)
 
+    def _stopping(self) -> bool:
+        """Ctrl-C seen: here, or in a data-parallel run on any rank (agreed at each step)."""
+        return self._interrupted if self.parallel is None else self.parallel.stop_requested
+
     def _bar(self, epoch, epochs, total, initial):
-        if not self.progress:
+        if not self.progress or (self.parallel is not None and self.parallel.rank != 0):
             return None
         from tqdm.auto import tqdm
 
@@ -276,7 +303,8 @@ class Trainer:
         """Write the run's state to ``path`` (default: the ``checkpoint`` given at creation).
 
         Returns the path, or None if there is none or writing failed (a
-        :class:`CheckpointWarning` then says why; the previous checkpoint is intact).
+        :class:`CheckpointWarning` then says why; the previous checkpoint is intact). In a
+        data-parallel run every rank calls it: they average BatchNorm statistics, rank 0 writes.
         """
         from .io import SaveError, save_checkpoint
 
@@ -284,6 +312,10 @@ class Trainer:
         self._save_error = None
         if path is None:
             return None
+        if self.parallel is not None:
+            self.parallel.sync_buffers(self.model)
+            if self.parallel.rank != 0:
+                return path
         try:
             save_checkpoint(
                 path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
