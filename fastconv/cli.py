@@ -337,7 +337,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def cmd_train(args) -> int:
     from . import io, models, optim
-    from .train import Trainer, TrainingInterrupted, evaluate, random_shift, split_validation
+    from .train import Trainer, TrainingInterrupted, evaluate, random_shift
 
     resumed = None
     if args.resume is not None:
@@ -370,17 +370,7 @@ def cmd_train(args) -> int:
     }
 
     spec = _dataset_spec(config["dataset"])
-    x, y = _load_dataset(config["dataset"], "train", args.data_dir, not args.no_download)
-    if config["val_size"] >= len(x):
-        raise UserError(f"--val-size {config['val_size']} leaves no training images")
-    (x, y), (x_val, y_val) = split_validation(x, y, config["val_size"])
-    if config["limit"] is not None:
-        x, y = x[: config["limit"]], y[: config["limit"]]
-    validation = (x_val, y_val) if len(x_val) else None
-    if config["patience"] is not None and validation is None:
-        raise UserError("--patience needs validation data (--val-size > 0)")
-    if len(x) < 2:
-        raise UserError("need at least 2 training images")
+    x, y, validation = _training_data(config, args)
 
     if resumed is not None:
         model = resumed.build_model()
@@ -403,7 +393,7 @@ def cmd_train(args) -> int:
         if not quiet:
             print(f"resuming {resume_path} at epoch {trainer.epoch + 1}, step {trainer.step}")
     elif not quiet:
-        held = f", {len(x_val):,} held out for validation" if validation else ""
+        held = f", {len(validation[0]):,} held out for validation" if validation else ""
         print(
             f"training {config['arch']} on {spec['title']}: {len(x):,} images{held}; "
             f"{config['epochs']} epochs, batch {config['batch_size']}, {config['optimizer']} "
@@ -432,7 +422,13 @@ def cmd_train(args) -> int:
         result = evaluate(model, x_test, y_test)
         meta["test_accuracy"] = result.accuracy
         meta["test_loss"] = result.loss
-    io.save_model(model, out, meta)
+    try:
+        io.save_model(model, out, meta)
+    except io.SaveError as err:
+        if trainer.save_checkpoint() is None:
+            raise
+        raise UserError(f"{err}; the trained weights are in {checkpoint}: "
+                        f"'fastconv train --resume {checkpoint}' saves the model again") from None
     if curves is not None:
         history.plot(curves)
     if not quiet:
@@ -441,6 +437,25 @@ def cmd_train(args) -> int:
         if curves is not None:
             print(f"training curves: {curves}")
     return 0
+
+
+def _training_data(config, args):
+    """``x, y, validation``: the last ``val_size`` training images are held out for validation
+    (the same ones whatever ``--limit``), then ``--limit`` takes the first images of the rest."""
+    from .train import split_validation
+
+    x, y = _load_dataset(config["dataset"], "train", args.data_dir, not args.no_download)
+    if config["val_size"] >= len(x):
+        raise UserError(f"--val-size {config['val_size']} leaves no training images")
+    (x, y), (x_val, y_val) = split_validation(x, y, config["val_size"])
+    if config["limit"] is not None:
+        x, y = x[: config["limit"]], y[: config["limit"]]
+    validation = (x_val, y_val) if len(x_val) else None
+    if config["patience"] is not None and validation is None:
+        raise UserError("--patience needs validation data (--val-size > 0)")
+    if len(x) < 2:
+        raise UserError("need at least 2 training images")
+    return x, y, validation
 
 
 def _fresh_config(args) -> dict:

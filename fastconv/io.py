@@ -224,7 +224,9 @@ def _atomic_write(path, arrays: dict[str, np.ndarray]) -> None:
 def _save_error(path, err: OSError) -> SaveError:
     reason = err.strerror or str(err)
     kept = "the previous file there is intact" if path.exists() else "no file was written"
-    return SaveError(err.errno, f"cannot write {path}: {reason}; {kept}")
+    error = SaveError(f"cannot write {path}: {reason}; {kept}")
+    error.errno = err.errno
+    return error
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -240,8 +240,9 @@ class Trainer:
                 self.step = step + 1
                 if bar is not None:
                     bar.update(len(index))
-                    bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}",
-                                    acc=f"{totals['correct'] / totals['seen']:.2%}", refresh=False)
+                    bar.set_postfix({"loss": f"{totals['loss'] / totals['seen']:.4f}",
+                                     "acc": f"{totals['correct'] / totals['seen']:.2%}"},
+                                    refresh=False)
                 if self._stopping():
                     totals["time"] += time.perf_counter() - started
                     self._stop(self.save_checkpoint())
@@ -476,10 +477,13 @@ def _logits(model, x, batch_size):
     x = np.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"x: expected (N, C, H, W), got shape {x.shape}")
+    from .nn import no_grad
+
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        parts = [np.asarray(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        with no_grad():
+            parts = [np.asarray(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
     finally:
         if was_training:
             model.train()

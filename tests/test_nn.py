@@ -525,3 +525,21 @@ def test_repr_matches_torch(torch):
         assert repr(ours) == repr(theirs)
     assert repr(small_model()).replace("Dropout(p=0.3)", "Dropout(p=0.3, inplace=False)") == repr(
         torch_model(torch, torch.float32))
+
+
+def test_no_grad_gives_the_same_outputs_and_keeps_nothing_for_backward():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, rng=0), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, rng=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8, 3, rng=2),
+    )
+    model.eval()
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    x[0, 0, 2, 2] = np.nan
+    expected = model(x)
+    assert nn.is_grad_enabled()
+    with nn.no_grad():
+        assert not nn.is_grad_enabled()
+        got = model(x)
+    assert nn.is_grad_enabled()
+    np.testing.assert_array_equal(got, expected)

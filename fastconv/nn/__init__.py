@@ -18,11 +18,12 @@ from .layers import (
 )
 from .loss import CrossEntropyLoss
 from .module import (
-    IncompatibleKeys, Module, Parameter, Sequential, from_config, register, to_config,
+    IncompatibleKeys, Module, Parameter, Sequential, from_config, is_grad_enabled, no_grad,
+    register, to_config,
 )
 
 __all__ = [
     "Module", "Parameter", "Sequential", "IncompatibleKeys", "Conv2d", "MaxPool2d", "AvgPool2d",
     "ReLU", "LeakyReLU", "Flatten", "Linear", "Dropout", "BatchNorm1d", "BatchNorm2d",
-    "CrossEntropyLoss", "to_config", "from_config", "register",
+    "CrossEntropyLoss", "to_config", "from_config", "register", "no_grad", "is_grad_enabled",
 ]

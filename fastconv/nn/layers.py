@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from .module import Module, Parameter, register
+from .module import Module, Parameter, is_grad_enabled, register
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -117,6 +117,8 @@ class MaxPool2d(Module):
         return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        if not is_grad_enabled():  # no backward to come: the values-only kernel is faster
+            return F.max_pool2d(x, *self._args())
         self._x = np.ascontiguousarray(x)
         out, self._indices = F.max_pool2d(self._x, *self._args(), return_indices=True)
         return out
@@ -167,6 +169,8 @@ class AvgPool2d(Module):
 @register
 class ReLU(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
+        if not is_grad_enabled():
+            return np.maximum(x, 0)  # NaN stays NaN, as in torch
         self._mask = x > 0
         return x * self._mask  # faster than np.maximum(x, 0), and the mask is needed anyway
 

@@ -7,9 +7,29 @@ to their `.grad`.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
+
+_state = threading.local()  # per thread: a server may predict while another thread trains
+
+
+def is_grad_enabled() -> bool:
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextmanager
+def no_grad():
+    """Forward passes inside keep nothing for a backward pass (as torch.no_grad): layers may then
+    take faster paths, e.g. max pooling without indices."""
+    previous = is_grad_enabled()
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = previous
 
 
 class Parameter:
