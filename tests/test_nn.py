@@ -527,7 +527,7 @@ def test_repr_matches_torch(torch):
         torch_model(torch, torch.float32))
 
 
-def test_no_grad_gives_the_same_outputs_and_keeps_nothing_for_backward():
+def test_no_grad_gives_the_same_outputs():
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1, rng=0), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 8, 3, rng=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
