@@ -34,9 +34,11 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -260,9 +262,9 @@ class DataParallel:
     ``DataParallel(comm=None)`` uses :func:`get_comm`; with one rank the trainer runs as a
     plain process. The trainer calls :meth:`local` to cut each global batch, :meth:`seed_step`
     before the forward pass, :meth:`reduce_step` after backward, :meth:`end_epoch`,
-    :meth:`evaluate` and :meth:`sync_buffers` at epoch ends and before checkpoints, and runs
-    under :meth:`guard`. ``reduce_seconds``/``reduce_calls``/``reduce_bytes`` measure the
-    gradient exchange.
+    :meth:`evaluate` and :meth:`sync_buffers` at epoch ends and before checkpoints (which rank 0
+    writes, then :meth:`broadcast` says how it went), and runs under :meth:`guard`.
+    ``reduce_seconds``, ``reduce_calls`` and ``reduce_bytes`` measure the gradient exchange.
     """
 
     def __init__(self, comm=None):
@@ -278,10 +280,11 @@ class DataParallel:
     def seed_step(self, generators: dict, words: list[int]) -> None:
         """Give the model's generators (Dropout's) a stream of their own for this step and rank:
         different masks on different ranks, and no hidden state, so a run resumed from a
-        checkpoint draws the same masks as an uninterrupted one."""
+        checkpoint draws the same masks as an uninterrupted one. ``words``: seed, epoch, step."""
+        seed, *where = words
         for index, name in enumerate(sorted(generators)):
             bit_generator = generators[name].bit_generator
-            seeds = np.random.SeedSequence([*words, _DROPOUT, self.rank, index])
+            seeds = np.random.SeedSequence([seed, _DROPOUT, *where, self.rank, index])
             bit_generator.state = type(bit_generator)(seeds).state
 
     def reduce_step(self, model, local: int, total: int, loss_sum: float, correct: int,
@@ -297,10 +300,14 @@ class DataParallel:
         self.reduce_calls += 1
         self.reduce_bytes += sum(p.grad.nbytes for p in params if p.grad is not None)
         self.stop_requested = stops > 0
-        return float(loss), int(round(hits))
+        return float(loss), round(hits)
 
     def sync_buffers(self, model) -> None:
         average_buffers(model, self.comm)
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object), returned on every rank."""
+        return self.comm.bcast(value, root=0)
 
     def end_epoch(self, model, epoch: int) -> None:
         """Average the BatchNorm statistics, then check that the replicas are identical."""
@@ -356,9 +363,12 @@ def predict_dask(model_or_path, images, client=None, batch_size: int = 256) -> n
     image raises ``ValueError`` (see :func:`predict_files_dask` to get the others anyway).
     ``client``: a ``distributed.Client``; default: the current one, else a temporary
     ``LocalCluster`` with one single-threaded worker per core. Each task predicts
-    ``batch_size`` images. The results equal ``fastconv.train.predict_proba(model, x,
-    batch_size)`` on one machine, in input order, also when a worker dies during the run (its
-    tasks run again elsewhere).
+    ``batch_size`` images, running fastconv single-threaded (a worker's threads are its
+    parallelism) unless ``FASTCONV_NUM_THREADS`` is set on the workers. Results come back in
+    input order and equal, bit for bit, ``fastconv.train.predict_proba(model, x, batch_size)``
+    in one process at the same thread count, also when a worker dies during the run (its tasks
+    run again elsewhere). (BLAS may round the dense layers' sums differently at another thread
+    count or batch size: differences near 1e-7.)
     """
     if _are_paths(images):
         result = predict_files_dask(model_or_path, images, client, batch_size)
@@ -373,7 +383,10 @@ def predict_dask(model_or_path, images, client=None, batch_size: int = 256) -> n
         raise ValueError(f"images: expected (N, C, H, W), got shape {np.shape(images)}")
     model = _ModelBlob.of(model_or_path, list(images.shape[1:]))
     blocks = _array_blocks(images, batch_size)
-    with _client_or_local(client) as active:
+    with _client_or_local(client) as active, warnings.catch_warnings():
+        # The array's chunks travel inside the graph on purpose: the scheduler keeps them, so a
+        # task lost with its worker can run again (data scattered to workers could die too).
+        warnings.filterwarnings("ignore", "Sending large graph", UserWarning)
         tasks = _tasks(_predict_block, model, blocks, batch_size, "fastconv-predict")
         parts = active.gather(active.compute(tasks))
     if not parts:
@@ -485,6 +498,7 @@ def _model_payload(digest, blob, meta):
 
 
 _worker_models = threading.local()
+models_built = 0  # in this process, by _worker_model: a worker builds each model once per thread
 
 
 def _worker_model(payload):
@@ -501,6 +515,7 @@ def _worker_model(payload):
             set_num_threads(1)
     model = cache.get(digest)
     if model is None:
+        global models_built
         from . import io
 
         with tempfile.TemporaryDirectory() as folder:
@@ -509,6 +524,7 @@ def _worker_model(payload):
             model = io.load_model(path).model
         cache.clear()  # one model at a time per thread
         cache[digest] = model
+        models_built += 1
     return model
 
 
@@ -519,14 +535,13 @@ def _predict_block(payload, block, batch_size):
 
 
 def _predict_files(payload, paths, batch_size):
-    from .datasets import MNIST_MEAN, MNIST_STD
     from .preprocess import to_mnist_input
     from .train import predict_proba
 
     model = _worker_model(payload)
     meta = payload[2]
     shape = meta.get("input_shape") or [1, 28, 28]
-    mean, std = meta.get("mean", MNIST_MEAN), meta.get("std", MNIST_STD)
+    mean, std = meta.get("mean", 0.0), meta.get("std", 1.0)  # as `fastconv predict` reads them
     inputs, kept, errors = [], [], {}
     for index, path in enumerate(paths):
         try:

@@ -32,8 +32,16 @@ import numpy as np
 from ._safetensors import load_safetensors, save_safetensors
 
 __all__ = [
-    "save_model", "load_model", "ModelFile", "save_checkpoint", "load_checkpoint", "Checkpoint",
-    "SaveError", "HEADER_KEY", "load_safetensors", "save_safetensors",
+    "HEADER_KEY",
+    "Checkpoint",
+    "ModelFile",
+    "SaveError",
+    "load_checkpoint",
+    "load_model",
+    "load_safetensors",
+    "save_checkpoint",
+    "save_model",
+    "save_safetensors",
 ]
 
 HEADER_KEY = "__fastconv__"

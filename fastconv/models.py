@@ -8,11 +8,11 @@ and above 99% on MNIST after 3 epochs. ``create(name, **options)`` builds any ar
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["digit_cnn", "lenet5", "create", "ARCHITECTURES", "DEFAULT_ARCHITECTURE"]
+__all__ = ["ARCHITECTURES", "DEFAULT_ARCHITECTURE", "create", "digit_cnn", "lenet5"]
 
 
 def _streams(seed: int | None):

@@ -27,16 +27,25 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 __all__ = [
-    "Trainer", "fit", "History", "TrainingInterrupted", "CheckpointWarning", "Evaluation",
-    "evaluate", "predict_proba", "predict", "random_shift", "split_validation",
+    "CheckpointWarning",
+    "Evaluation",
+    "History",
+    "Trainer",
+    "TrainingInterrupted",
+    "evaluate",
+    "fit",
+    "predict",
+    "predict_proba",
+    "random_shift",
+    "split_validation",
 ]
 
 _SHUFFLE, _AUGMENT = 0, 1  # SeedSequence words keeping the two streams apart
@@ -259,8 +268,8 @@ class Trainer:
     def _end_epoch(self, validation, epochs, patience, min_delta):
         totals = self._totals
         seen = max(totals["seen"], 1)
-        row = dict(epoch=self.epoch + 1, train_loss=totals["loss"] / seen,
-                   train_acc=totals["correct"] / seen, lr=totals["lr"])
+        row = {"epoch": self.epoch + 1, "train_loss": totals["loss"] / seen,
+               "train_acc": totals["correct"] / seen, "lr": totals["lr"]}
         started = time.perf_counter()
         if self.parallel is not None:  # same BatchNorm statistics everywhere; check the weights
             self.parallel.end_epoch(self.model, self.epoch + 1)
@@ -307,16 +316,21 @@ class Trainer:
         :class:`CheckpointWarning` then says why; the previous checkpoint is intact). In a
         data-parallel run every rank calls it: they average BatchNorm statistics, rank 0 writes.
         """
-        from .io import SaveError, save_checkpoint
-
         path = Path(path) if path is not None else self.checkpoint
         self._save_error = None
         if path is None:
             return None
-        if self.parallel is not None:
-            self.parallel.sync_buffers(self.model)
-            if self.parallel.rank != 0:
-                return path
+        if self.parallel is None:
+            return self._write_checkpoint(path)
+        self.parallel.sync_buffers(self.model)  # the same BatchNorm statistics on every rank
+        saved = self._write_checkpoint(path) if self.parallel.rank == 0 else None
+        # Everyone goes on once the file is in place (a rank may read it next, to resume).
+        saved, self._save_error = self.parallel.broadcast((saved, self._save_error))
+        return saved
+
+    def _write_checkpoint(self, path: Path) -> Path | None:
+        from .io import SaveError, save_checkpoint
+
         try:
             save_checkpoint(
                 path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -364,17 +378,12 @@ class Trainer:
                 f"model's {sorted(generators)}"
             )
         history = History.from_dict(ckpt.history or {})
-        backup = {k: np.array(v) for k, v in current.items()}
+        backup = self._restorable()
         try:
-            self.model.load_state_dict(ckpt.model_state)
-            if self.optimizer is not None:
-                self.optimizer.load_state_dict(ckpt.optimizer_state)
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(ckpt.scheduler_state)
-            for name, generator in generators.items():
-                generator.bit_generator.state = ckpt.rng_states[name]
+            self._restore(ckpt.model_state, ckpt.optimizer_state, ckpt.scheduler_state,
+                          ckpt.rng_states)
         except (ValueError, KeyError, TypeError) as err:
-            self.model.load_state_dict(backup)
+            self._restore(*backup)  # all or nothing
             raise ValueError(f"checkpoint: cannot restore: {err}") from None
         self.epoch, self.step, self.history = ckpt.epoch, ckpt.step, history
         totals = state.get("totals") or {}
@@ -382,6 +391,23 @@ class Trainer:
         self.best_val_loss = state.get("best_val_loss")
         self.bad_epochs = int(state.get("bad_epochs", 0))
         self.stopped_early = bool(state.get("stopped_early", False))
+
+    def _restorable(self):
+        return (
+            self.model.state_dict(),
+            self.optimizer.state_dict() if self.optimizer is not None else None,
+            self.scheduler.state_dict() if self.scheduler is not None else None,
+            _generator_states(self.model),
+        )
+
+    def _restore(self, model_state, optimizer_state, scheduler_state, rng_states):
+        self.model.load_state_dict(model_state)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(scheduler_state)
+        for name, generator in _generators(self.model).items():
+            generator.bit_generator.state = rng_states[name]
 
     def _state(self) -> dict:
         return {

@@ -5,18 +5,23 @@ import errno
 import json
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA_ROOT
 
 from fastconv import datasets, io, models, nn, optim
 from fastconv.train import (
-    CheckpointWarning, History, Trainer, TrainingInterrupted, evaluate, predict, predict_proba,
-    random_shift, split_validation,
+    CheckpointWarning,
+    History,
+    Trainer,
+    TrainingInterrupted,
+    evaluate,
+    predict,
+    predict_proba,
+    random_shift,
+    split_validation,
 )
-
-from conftest import DATA_ROOT  # noqa: E402
 
 DATA_DIR = DATA_ROOT
 
@@ -149,6 +154,30 @@ def test_dropout_generator_state_is_checkpointed(tmp_path):
     assert ckpt.rng_states == {"11.rng": dropout.rng.bit_generator.state}
 
 
+def test_bad_generator_state_restores_nothing(tmp_path):
+    x, y = toy_data()
+    donor = toy_trainer(tmp_path)
+    donor.fit(x, y, epochs=1)
+    path = tmp_path / "run.ckpt.npz"
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    header = json.loads(arrays.pop(io.HEADER_KEY).tobytes())
+    header["rng_states"]["11.rng"] = {"bit_generator": "NoSuchGenerator", "state": {}}
+    np.savez(path, **{io.HEADER_KEY: np.frombuffer(json.dumps(header).encode(), np.uint8)}, **arrays)
+
+    fresh = toy_trainer(seed=0)
+    before = fresh.model.state_dict(), fresh.model[11].rng.bit_generator.state
+    with pytest.raises(ValueError, match="cannot restore"):
+        fresh.resume(path)
+    assert_same_weights_dict(fresh.model.state_dict(), before[0])
+    assert fresh.model[11].rng.bit_generator.state == before[1]
+    assert fresh.optimizer.state == {} and (fresh.epoch, fresh.step) == (0, 0)
+
+
+def assert_same_weights_dict(a, b):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_ctrl_c_saves_a_checkpoint_at_a_step_boundary(tmp_path):
     x, y = toy_data()
     calls = []
@@ -254,7 +283,6 @@ def test_predict_proba_uses_eval_mode_and_restores_it():
 
 
 def test_random_shift_moves_whole_images_within_bounds():
-    rng = np.random.default_rng(0)
     x = np.full((50, 1, 12, 12), -1.0, dtype=np.float32)
     x[:, :, 5:7, 5:7] = 1.0
     shifted = random_shift(x, np.random.default_rng(1), max_shift=2)
@@ -265,12 +293,11 @@ def test_random_shift_moves_whole_images_within_bounds():
         assert 3 <= cols.min() <= 7 and cols.max() - cols.min() == 1
         assert (image == -1).sum() == 140
     assert len({tuple(np.argwhere(img[0] > 0)[0]) for img in shifted}) > 10
-    del rng
 
 
 def test_split_validation_holds_out_the_tail():
     x, y = np.arange(10).reshape(10, 1, 1, 1), np.arange(10)
-    (xt, yt), (xv, yv) = split_validation(x, y, 3)
+    (_, yt), (_, yv) = split_validation(x, y, 3)
     assert yt.tolist() == list(range(7)) and yv.tolist() == [7, 8, 9]
     with pytest.raises(ValueError):
         split_validation(x, y, 10)
