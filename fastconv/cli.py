@@ -617,7 +617,7 @@ def cmd_evaluate(args) -> int:
     from . import io
     from .train import evaluate
 
-    model, meta = io.load_model(args.model)
+    model, meta = io.load_any_model(args.model)
     plots = _plots() if args.plot else None
     dataset = args.dataset or meta.get("dataset") or "mnist"
     if dataset not in ("mnist", "fashion-mnist"):
@@ -667,7 +667,7 @@ def cmd_predict(args) -> int:
     from . import io, preprocess
     from .train import predict_proba
 
-    model, meta = io.load_model(args.model)
+    model, meta = io.load_any_model(args.model)
     shape = meta.get("input_shape") or [1, 28, 28]
     if shape[0] != 1 or shape[1] != shape[2]:
         raise UserError(f"{args.model}: predict needs a one-channel square input, the model "
@@ -778,7 +778,7 @@ def cmd_show(args) -> int:
     from .train import predict_proba
 
     plots = _plots()
-    model, meta = io.load_model(args.model)
+    model, meta = io.load_any_model(args.model)
     shape = meta.get("input_shape") or [1, 28, 28]
     if shape[0] != 1 or shape[1] != shape[2]:
         raise UserError(f"{args.model}: show needs a one-channel square input, the model "

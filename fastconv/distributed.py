@@ -479,7 +479,7 @@ class _ModelBlob:
         from .train import predict_proba
 
         if isinstance(model_or_path, (str, os.PathLike)):
-            model, meta = io.load_model(model_or_path)  # a bad file fails here, clearly
+            model, meta = io.load_any_model(model_or_path)  # a bad file fails here, clearly
             blob = Path(model_or_path).read_bytes()
         else:
             model, meta = model_or_path, {}
@@ -521,7 +521,7 @@ def _worker_model(payload):
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{digest}.npz"
             path.write_bytes(blob)
-            model = io.load_model(path).model
+            model = io.load_any_model(path).model
         cache.clear()  # one model at a time per thread
         cache[digest] = model
         models_built += 1

@@ -112,6 +112,19 @@ def save_model(model, path, meta: dict | None = None) -> None:
     _atomic_write(path, {HEADER_KEY: _json_bytes(header, "meta"), **state})
 
 
+def load_any_model(path) -> ModelFile:
+    """``(model, meta)`` from a fastconv model file or an ONNX file (recognised by suffix or
+    contents): the one loader behind predict, evaluate, show, serve and batch inference."""
+    from . import onnx
+
+    if not onnx.is_onnx(path):
+        return load_model(path)
+    try:
+        return onnx.load_model(path)
+    except ImportError as err:  # the onnx package is an optional extra
+        raise ValueError(f"{path}: {err}") from None
+
+
 def load_model(path) -> ModelFile:
     """Read a model file written by :func:`save_model`: ``model, meta = load_model(path)``.
 

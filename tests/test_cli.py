@@ -311,3 +311,23 @@ def test_resume_refuses_changed_settings(mnist_dir, workdir, reference_run):
     checkpoint = workdir / "reference.ckpt.npz"
     result = run("train", "--resume", checkpoint, "--lr", "0.1", tmp_path=workdir, check=False)
     assert_one_line_error(result, 1, "--lr 0.1 differs from the checkpoint's 0.002")
+
+
+def test_predict_and_evaluate_take_an_onnx_file(model, digit_pngs, mnist_dir, workdir):
+    pytest.importorskip("onnx", reason="onnx not installed: fastconv[onnx] not tested")
+    from fastconv import onnx
+
+    exported = workdir / "model.onnx"
+    loaded, meta = io.load_model(model)
+    onnx.save(loaded, exported, meta=meta)
+    folder, _ = digit_pngs
+    answers = [json.loads(run("predict", path, folder, "--top", "10", "--json",
+                              tmp_path=workdir).stdout) for path in (model, exported)]
+    for ours, theirs in zip(*answers):
+        assert [t["label"] for t in ours["top"]] == [t["label"] for t in theirs["top"]]
+        for a, b in zip(ours["top"], theirs["top"]):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    scores = [json.loads(run("evaluate", path, "--data-dir", mnist_dir, "--limit", "500",
+                             "--no-download", "--json", tmp_path=workdir).stdout)
+              for path in (model, exported)]
+    assert scores[0]["accuracy"] == pytest.approx(scores[1]["accuracy"], abs=1e-9)

@@ -91,7 +91,9 @@ class Predictor:
         if isinstance(source, Predictor):
             return source
         if isinstance(source, (str, os.PathLike)):
-            model, meta = _load_model_file(source)
+            from .. import io
+
+            model, meta = io.load_any_model(source)
             return cls(model, meta, name=Path(source).name)
         if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], dict):
             return cls(*source)
@@ -143,19 +145,6 @@ class Predictor:
             "parameters": parameters,
             "meta": {k: self.meta[k] for k in keep if k in self.meta},
         }
-
-
-def _load_model_file(path):
-    """``(model, meta)`` from a fastconv model file, or from an ONNX file (recognised by
-    :func:`fastconv.onnx.is_onnx`: suffix or contents) through :func:`fastconv.onnx.load_model`."""
-    from .. import io, onnx
-
-    if not onnx.is_onnx(path):
-        return io.load_model(path)
-    try:
-        return onnx.load_model(path)
-    except ImportError as err:  # the onnx package is an optional extra
-        raise ValueError(f"{path}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
