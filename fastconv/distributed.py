@@ -250,7 +250,8 @@ def abort_on_error(comm=None, report: Callable[[BaseException, int, int], None] 
                 report(err, rank, size)
             else:
                 text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-                sys.stderr.write(f"fastconv: rank {rank} of {size} failed; aborting the job\n{text}")
+                sys.stderr.write(
+                    f"fastconv: rank {rank} of {size} failed; aborting the job\n{text}")
             sys.stderr.flush()
         comm.Abort(1)
         raise  # not reached: Abort ends the process
@@ -453,7 +454,7 @@ def dask_client(address: str):
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"--dask {address}: expected local:N with N >= 1 workers")
         with LocalCluster(n_workers=int(count), threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
             yield client
         return
     try:
@@ -519,7 +520,7 @@ def _worker_model(payload):
         from . import io
 
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"{digest}.npz"
+            path = Path(folder) / f"{digest}.model"  # .npz or ONNX: told by content
             path.write_bytes(blob)
             model = io.load_any_model(path).model
         cache.clear()  # one model at a time per thread

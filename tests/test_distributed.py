@@ -128,7 +128,8 @@ def test_train_distributed_without_mpi_is_a_plain_run(tmp_path):
               "--checkpoint-every", "0", "--threads", "1"]
     hide_mpi = "import sys; sys.modules['mpi4py'] = None; from fastconv.cli import main; "
     for name, extra in (("plain", []), ("distributed", ["--distributed"])):
-        code = hide_mpi + f"sys.exit(main({[*common, '--out', str(tmp_path / name) + '.npz', *extra]!r}))"
+        argv = [*common, "--out", str(tmp_path / f"{name}.npz"), *extra]
+        code = hide_mpi + f"sys.exit(main({argv!r}))"
         result = _run([sys.executable, "-c", code], timeout=120, env=plain_env())
         assert result.returncode == 0, result.stderr
     plain = fastconv.io.load_model(tmp_path / "plain.npz").model.state_dict()
@@ -304,7 +305,7 @@ def test_interrupt_on_one_rank_stops_all_and_resumes_bit_for_bit(trained):
                 scale = float(np.abs(expected).max())
                 assert float(np.abs(resumed[key] - expected).max()) <= 1e-6 * scale, key
             else:
-                np.testing.assert_array_equal(resumed[key], expected, err_msg=f"{size}/{rank} {key}")
+                np.testing.assert_array_equal(resumed[key], expected, err_msg=f"{rank} {key}")
     history = notes[2, 0]["bn"]["history"]
     assert history["val_acc"][-1] > 0.5 and len(history["val_acc"]) == 2
 
