@@ -16,7 +16,9 @@ from .functional import (
     avg_pool2d, avg_pool2d_backward, batch_norm, batch_norm_backward, conv2d, conv2d_backward,
     fold, max_pool2d, max_pool2d_backward, set_workspace_limit, unfold, workspace_limit,
 )
-from .threads import get_num_threads, set_num_threads
+from .threads import _from_environment, get_num_threads, set_num_threads
+
+_from_environment()
 
 __version__ = "0.1.0"
 

@@ -315,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        if getattr(args, "threads", None) is not None:
-            from . import set_num_threads
+        if hasattr(args, "threads"):  # commands that compute: kernels and BLAS set together
+            from . import get_num_threads, set_num_threads
 
-            set_num_threads(args.threads)
+            set_num_threads(args.threads or get_num_threads())
         return args.func(args) or 0
     except KeyboardInterrupt:
         _error("interrupted")

@@ -24,17 +24,26 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Use n threads in fastconv's kernels and in the BLAS library NumPy calls."""
+    """Use n threads in fastconv's kernels, and set the BLAS library NumPy calls to match.
+
+    When the kernels call BLAS themselves (the usual case, see fastconv._blas) they parallelise
+    over samples with single-threaded GEMMs, and the BLAS pool only serves NumPy's own products
+    (dense layers): it is set to one thread, which measured faster than n on small layers (its
+    idle threads compete with the kernels' for the same cores). Otherwise BLAS gets n threads.
+    """
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive int, got {n!r}")
     _num_threads = n
     from threadpoolctl import threadpool_limits  # only when asked: keeps `import fastconv` light
 
-    threadpool_limits(limits=n, user_api="blas")
+    from .functional import _blas_in_kernels
+
+    threadpool_limits(limits=1 if _blas_in_kernels() else n, user_api="blas")
 
 
 def _from_environment() -> None:
+    """Apply FASTCONV_NUM_THREADS (called by fastconv/__init__ once the kernels are loaded)."""
     value = os.environ.get("FASTCONV_NUM_THREADS")
     if not value:
         return
@@ -43,5 +52,3 @@ def _from_environment() -> None:
     except ValueError:
         raise ValueError(f"FASTCONV_NUM_THREADS: expected a positive integer, got {value!r}") from None
 
-
-_from_environment()
