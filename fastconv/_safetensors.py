@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import suppress
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from ._files import atomic_write
 
 __all__ = ["load_safetensors", "save_safetensors"]
 
@@ -103,18 +103,7 @@ def save_safetensors(state_dict, path, metadata: Mapping[str, str] | None = None
     ):
         raise TypeError("save_safetensors: metadata must map strings to strings")
     data = api.save(tensors, metadata=dict(metadata) if metadata is not None else None)
-    _write_atomically(Path(os.fspath(path)), data)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -730,24 +730,17 @@ def _write_predictions(path: Path, names, probabilities, classes) -> int:
     """CSV of path, most probable class, then one probability column per class, written to a
     temporary file renamed over ``path`` (no half-written file). Returns the row count."""
     import csv
-    import tempfile
-    from contextlib import suppress
+
+    from ._files import atomic_write
 
     _check_writable_folder(path, "--out")
     rows = [] if probabilities is None else probabilities
     labels = classes or [str(i) for i in range(len(rows[0]) if len(rows) else 0)]
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "class", *labels])
-            for name, probs in zip(names, rows):
-                writer.writerow([name, labels[int(probs.argmax())], *(f"{p:.6g}" for p in probs)])
-        os.replace(temp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp)
-        raise
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "class", *labels])
+        for name, probs in zip(names, rows):
+            writer.writerow([name, labels[int(probs.argmax())], *(f"{p:.6g}" for p in probs)])
     return len(rows)
 
 

@@ -9,14 +9,14 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
 import urllib.request
 import zlib
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ._files import atomic_write
 
 # Per-dataset statistics of pixel/255 over the training set, as the literature normalises.
 MNIST_MEAN = 0.1307
@@ -244,7 +244,7 @@ def _download_file(source, name, path, searched):
         if digest != source.gz_md5[name]:
             failures.append(f"{url}: MD5 mismatch: expected {source.gz_md5[name]}, got {digest}")
             continue
-        _write_atomically(path, data)
+        _write_file(path, data)
         return
     details = "\n".join(f"  {failure}" for failure in failures)
     raise FileNotFoundError(f"{_missing_message(source, searched)}\nDownload failed:\n{details}")
@@ -255,18 +255,10 @@ def _fetch(url) -> bytes:
         return response.read()
 
 
-def _write_atomically(path, data):
+def _write_file(path, data):
     """Readers see either no file or the whole file, even if this process dies mid-write."""
-    fd, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(temp_path)  # only still there if something failed
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _missing_message(source, searched):

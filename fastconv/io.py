@@ -19,16 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 import zlib
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._files import atomic_write
 from ._safetensors import load_safetensors, save_safetensors
 
 __all__ = [
@@ -215,31 +214,16 @@ def load_checkpoint(path) -> Checkpoint:
 
 
 def _atomic_write(path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an uncompressed .npz: temp file, fsync, rename, fsync of the folder."""
+    """Write ``arrays`` as an uncompressed .npz, atomically (fastconv._files)."""
     path = Path(path)
-    folder = path.parent
     try:
-        fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise _save_error(path, err) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for key, value in arrays.items():
                     with zf.open(key + ".npy", "w", force_zip64=True) as member:
                         np.lib.format.write_array(member, value, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-            with suppress(OSError):  # mkstemp makes 0600; give the usual umask-based mode
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
-        os.replace(temp_path, path)
-    except BaseException as err:
-        with suppress(OSError):
-            os.unlink(temp_path)
-        if isinstance(err, OSError):
-            raise _save_error(path, err) from err
-        raise
-    _fsync_dir(folder)
+    except OSError as err:
+        raise _save_error(path, err) from err
 
 
 def _save_error(path, err: OSError) -> SaveError:
@@ -248,26 +232,6 @@ def _save_error(path, err: OSError) -> SaveError:
     error = SaveError(f"cannot write {path}: {reason}; {kept}")
     error.errno = err.errno
     return error
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders can't be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _json_bytes(header: dict, what: str) -> np.ndarray:

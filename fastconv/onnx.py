@@ -27,13 +27,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from ._files import atomic_write
 
 from . import nn_graph as G
 from .nn_graph import Graph, Node, ValueInfo
@@ -868,21 +868,10 @@ def save(
     if hasattr(path, "write"):
         path.write(data)
     else:
-        _write_atomically(Path(os.fspath(path)), data)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+
 
 
 def _graph_to_proto(onnx, graph: Graph):
