@@ -5,12 +5,10 @@
 """
 
 import importlib
-import os
 
-# The kernels' OpenMP threads and BLAS's own threads take turns on the same cores; threads that
-# spin after a parallel region would steal the cores BLAS needs next (measured: 3-5x slower conv
-# on 2 cores). Must be set before the OpenMP runtime loads with the kernels below.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from . import _runtime
+
+_runtime.configure()  # before the kernels load: see fastconv/_runtime.py
 
 from .functional import (
     avg_pool2d, avg_pool2d_backward, batch_norm, batch_norm_backward, conv2d, conv2d_backward,

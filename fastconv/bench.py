@@ -275,14 +275,17 @@ def sgemm_ceiling(budget: float = 0.5) -> float:
 
 def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, selected=None):
     """Time every case on every backend; returns (rows, sgemm ceiling GFLOP/s)."""
-    from .threads import set_num_threads
+    from .threads import get_num_threads, set_num_threads
 
     torch = _torch() if "torch" in backends else None
     if threads is not None:
         set_num_threads(threads)
         if torch is not None:
             torch.set_num_threads(threads)
-    ceiling = sgemm_ceiling()
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads or get_num_threads(), user_api="blas"):
+        ceiling = sgemm_ceiling()  # BLAS at full width, whatever the kernels leave it at
     rows = []
     for case in cases():
         if selected and not any(s in case.operation for s in selected):
