@@ -29,7 +29,7 @@ import numpy as np
 
 from . import functional as F
 from .nn import LeakyReLU, ReLU
-from .nn.module import Module, Parameter
+from .nn.module import Module, Parameter, is_grad_enabled
 
 __all__ = ["Graph", "Node", "ValueInfo", "Op"]
 
@@ -178,6 +178,8 @@ class Pool(_Windows, Op):
         if t == b <= k[0] // 2 and lft == r <= k[1] // 2:
             self._direct = ((t, lft), ceil)
             if self.kind == "Max":
+                if not is_grad_enabled():  # inference: the values-only kernel
+                    return F.max_pool2d(x, k, s, (t, lft), d, ceil)
                 out, self._indices = F.max_pool2d(x, k, s, (t, lft), d, ceil, return_indices=True)
                 return out
             return F.avg_pool2d(x, k, s, (t, lft), ceil, self.count_include_pad)
