@@ -874,6 +874,7 @@ def cmd_info(args) -> int:
 
     import fastconv
     from fastconv import _conv
+    from fastconv.functional import _blas_in_kernels
     from fastconv.threads import available_cores
 
     blas = []
@@ -896,6 +897,8 @@ def cmd_info(args) -> int:
         "cores": available_cores(),
         "FASTCONV_NUM_THREADS": os.environ.get("FASTCONV_NUM_THREADS"),
         "cflags": getattr(_conv, "cflags", None),
+        "conv_gemm": "BLAS called by the kernels, one thread each" if _blas_in_kernels()
+        else "NumPy matmul on batch chunks (no CBLAS symbol found, or FASTCONV_BLAS=numpy)",
         "thread_pools": blas,
     }
     if args.json:
@@ -906,6 +909,7 @@ def cmd_info(args) -> int:
     env = f", FASTCONV_NUM_THREADS={info['FASTCONV_NUM_THREADS']}" if info["FASTCONV_NUM_THREADS"] else ""
     print(f"threads:         {info['threads']} (of {info['cores']} cores{env})")
     print(f"compiler flags:  {info['cflags']}")
+    print(f"conv GEMM:       {info['conv_gemm']}")
     for pool in blas:
         api = "BLAS" if pool["user_api"] == "blas" else pool["user_api"]
         details = ", ".join(f"{k} {pool[k]}" for k in ("version", "threading_layer", "num_threads")
