@@ -4,7 +4,6 @@ here: the fetch is replaced), and the real MNIST / Fashion-MNIST files when they
 import dataclasses
 import gzip
 import hashlib
-import os
 import time
 import urllib.error
 from pathlib import Path

@@ -36,6 +36,6 @@ def test_conv_backward_workspace_does_not_grow_with_the_batch():
         x = np.ones((n, 16, 32, 32), dtype=np.float32)
         grad = np.ones((n, 32, 32, 32), dtype=np.float32)
         fc.conv2d_backward(grad, x, w, padding=1)  # the first call may size the reused workspace
-        extras.append(_peak_above_output(lambda: fc.conv2d_backward(grad, x, w, padding=1)))
+        extras.append(_peak_above_output(lambda g=grad, x=x: fc.conv2d_backward(g, x, w, padding=1)))
     # 8x the batch: the workspace is per thread, so the extra memory stays the same
     assert extras[1] < extras[0] + 2**20, extras

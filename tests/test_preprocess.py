@@ -1,8 +1,6 @@
 """fastconv.preprocess: every kind of input reaches the same MNIST-framed array."""
 
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
