@@ -56,7 +56,7 @@ extensions = [
     Extension(
         f"fastconv.{name}",
         [f"src/{name}.pyx"],
-        depends=["src/common.pxd"],
+        depends=["src/common.pxd", "src/pooling.pxd"],
         include_dirs=[np.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

@@ -239,7 +239,13 @@ def pool_args(x, kernel_size, stride, padding, dilation, ceil_mode) -> PoolArgs:
     """Validate pooling arguments as torch's pool2d_shape_check does."""
     x = float_array("x", x)
     x4, unbatched = batched("x", x)
-    check_nonempty("x", x4.shape)
+    geometry = pool_geometry(x4.shape, x.itemsize, kernel_size, stride, padding, dilation, ceil_mode)
+    return PoolArgs(x4, geometry, bool(ceil_mode), unbatched)
+
+
+def pool_geometry(shape, itemsize, kernel_size, stride, padding, dilation, ceil_mode) -> ConvGeometry:
+    """The pooling window geometry over an input of this (N, C, H, W) shape."""
+    check_nonempty("x", shape)
     kernel = pair("kernel_size", kernel_size, 1)
     stride = kernel if stride is None or (_is_seq(stride) and len(stride) == 0) else pair("stride", stride, 1)
     pad = pair("padding", padding, 0)
@@ -248,20 +254,19 @@ def pool_args(x, kernel_size, stride, padding, dilation, ceil_mode) -> PoolArgs:
         raise ValueError(
             f"padding: should be at most half of kernel_size, got padding={pad} for kernel_size={kernel}"
         )
-    _, _, h, w = x4.shape
+    _, _, h, w = shape
     out = [
         pool_output_size(size, k, s, p, d, ceil_mode)
         for size, k, s, p, d in zip((h, w), kernel, stride, pad, dilation)
     ]
     if min(out) < 1:
         raise ValueError(
-            f"x: given input size ({x4.shape[1]}x{h}x{w}), calculated output size "
-            f"({x4.shape[1]}x{out[0]}x{out[1]}) is too small for kernel_size={kernel}, "
+            f"x: given input size ({shape[1]}x{h}x{w}), calculated output size "
+            f"({shape[1]}x{out[0]}x{out[1]}) is too small for kernel_size={kernel}, "
             f"stride={stride}, padding={pad}, dilation={dilation}"
         )
-    check_fits("output", (x4.shape[0], x4.shape[1], out[0], out[1]), x.itemsize)
-    geometry = ConvGeometry(*x4.shape, *kernel, stride, dilation, pad[0], pad[1], out[0], out[1])
-    return PoolArgs(x4, geometry, bool(ceil_mode), unbatched)
+    check_fits("output", (shape[0], shape[1], out[0], out[1]), itemsize)
+    return ConvGeometry(*shape, *kernel, stride, dilation, pad[0], pad[1], out[0], out[1])
 
 
 def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode) -> int:

@@ -118,6 +118,39 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, relu):
     return _finish(out, a.unbatched)
 
 
+def _conv2d_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool):
+    """max_pool2d(conv2d(x), *pool) in one pass, pooling each sample's output in cache.
+
+    pool: (kernel_size, stride, padding, dilation, ceil_mode) as max_pool2d takes them. Returns
+    (pooled, indices into the convolution's output planes, that output's shape), indices None
+    under nn.no_grad; or None when some pooling window reaches outside the plane (the caller
+    then runs the two steps).
+    """
+    from .nn.module import is_grad_enabled
+
+    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    bias = _args.bias_array(bias, a.weight)
+    g, w = a.geometry, a.weight
+    c_out, rows, positions = w.shape[0], g.patch_size, g.out_h * g.out_w
+    conv_shape = (g.n, c_out, g.out_h, g.out_w)
+    p = _args.pool_geometry(conv_shape, w.itemsize, *pool)
+    if a.unbatched or not _blas_in_kernels() or not _pool.interior(
+            (p.h, p.w, p.out_h, p.out_w), p.pool_args):
+        return None
+    threads = get_num_threads()
+    out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
+    with_indices = is_grad_enabled()
+    indices = np.empty(out.shape if with_indices else (1, 1, 1, 1), dtype=np.int64)
+    workspace, scratch = _workspace(w.dtype, (threads, rows, positions), (threads, c_out, positions))
+    has_bias = bias is not None
+    _conv.conv2d_max_pool_forward(
+        a.x, w.reshape(groups, c_out // groups, rows // groups),
+        bias if has_bias else np.zeros(1, w.dtype), out, indices, workspace, scratch,
+        g.kernel_args, p.pool_args, has_bias, with_indices, threads,
+    )
+    return out, (indices if with_indices else None), conv_shape
+
+
 def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
                     output_mask=(True, True, True)):
     """Gradients of conv2d w.r.t. (input, weight, bias), as torch autograd computes them.
@@ -211,6 +244,24 @@ def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dil
             f"{g.h}x{g.w}"
         )
     return _finish(grad_input, a.unbatched)
+
+
+def _max_pool2d_backward_from_indices(grad_output, indices, input_shape):
+    """max_pool2d_backward for layers that kept only the indices (the fused conv + pool)."""
+    grad = _args.float_array("grad_output", grad_output)
+    if grad.shape != indices.shape or len(input_shape) != 4 or indices.shape[:2] != tuple(input_shape[:2]):
+        raise ValueError(f"grad_output: expected shape {indices.shape} (the pooled output), "
+                         f"got {grad.shape}")
+    n, c, h, w = input_shape
+    grad_input = np.empty(input_shape, dtype=grad.dtype)
+    planes = n * c
+    out_of_range = _pool.max_pool2d_backward(
+        grad.reshape(planes, -1 if planes else 0), indices.reshape(planes, -1 if planes else 0),
+        grad_input.reshape(planes, h * w), get_num_threads(),
+    )
+    if out_of_range:
+        raise ValueError(f"indices: {out_of_range} values lie outside [-1, {h * w})")
+    return grad_input
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):

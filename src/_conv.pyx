@@ -17,6 +17,7 @@ from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t
 
 from common cimport real, valid_range
+from pooling cimport Pool, make_pool, max_plane_interior, max_plane_values
 
 cdef extern from *:
     """
@@ -262,4 +263,50 @@ def conv2d_backward(const real[:, :, ::1] grad, const real[:, :, :, ::1] x,
                           &grad[n, grp * rows_g, 0], positions, 0, cols + grp * k_g * positions,
                           positions)
                 _col2im(cols, &grad_input[n, 0, 0, 0], g)
+        _restore_blas(num_threads, previous)
+
+
+def conv2d_max_pool_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
+                            const real[::1] bias, real[:, :, :, ::1] out,
+                            int64_t[:, :, :, ::1] indices, real[:, :, ::1] workspace,
+                            real[:, :, ::1] scratch, tuple args, tuple pool_args,
+                            bint has_bias, bint with_indices, int num_threads):
+    """max_pool2d(conv2d(x)) without the convolution's output ever leaving the cache.
+
+    As conv2d_forward, but each sample's (C_out, P) product goes to a per-thread `scratch`
+    (threads, C_out, P) and is pooled from there into out (N, C_out, PH, PW), with torch's
+    indices into the convolution's output planes when with_indices. Only for pooling windows
+    that all lie inside the plane (fastconv.functional checks).
+    """
+    cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t groups = weight.shape[0], rows_g = weight.shape[1], k_g = weight.shape[2]
+    cdef Py_ssize_t positions = g.out_h * g.out_w, c_out = scratch.shape[1]
+    cdef Pool p = make_pool(g.out_h, g.out_w, out.shape[2], out.shape[3], pool_args)
+    cdef Py_ssize_t n, grp, o, q
+    cdef int tid, previous = 0
+    cdef real *product
+    cdef real *cols
+    cdef real b
+    with nogil:
+        previous = _single_threaded_blas(num_threads)
+        for n in prange(x.shape[0], schedule="static", num_threads=num_threads):
+            tid = threadid()
+            _single_threaded_blas(num_threads)
+            cols = &workspace[tid, 0, 0]
+            product = &scratch[tid, 0, 0]
+            _im2col(&x[n, 0, 0, 0], cols, g)
+            for grp in range(groups):
+                _gemm(False, False, rows_g, positions, k_g, &weight[grp, 0, 0], k_g,
+                      cols + grp * k_g * positions, positions, 0, product + grp * rows_g * positions,
+                      positions)
+            for o in range(c_out):
+                if has_bias:
+                    b = bias[o]
+                    for q in range(positions):
+                        product[o * positions + q] += b
+                if with_indices:
+                    max_plane_interior(product + o * positions, &out[n, o, 0, 0],
+                                       &indices[n, o, 0, 0], p)
+                else:
+                    max_plane_values(product + o * positions, &out[n, o, 0, 0], p)
         _restore_blas(num_threads, previous)

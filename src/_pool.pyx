@@ -11,117 +11,38 @@ loop body, shared sizes would be reloaded after every int64 store (they may alia
 """
 
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 
 from common cimport real, valid_range
-
-
-cdef struct Pool:
-    Py_ssize_t height, width, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw
-    bint count_include_pad
-
-
-cdef Pool _pool(Py_ssize_t height, Py_ssize_t width, Py_ssize_t out_h, Py_ssize_t out_w,
-                tuple args, bint count_include_pad=True):
-    cdef Pool g
-    g.height, g.width, g.out_h, g.out_w = height, width, out_h, out_w
-    g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw = args
-    g.count_include_pad = count_include_pad
-    return g
-
-
-cdef void _max_plane(const real *x, real *out, int64_t *indices, Pool g) noexcept nogil:
-    cdef Py_ssize_t oh, ow, i, j, h, w, best_index, i0 = 0, i1 = 0, j0 = 0, j1 = 0
-    cdef real best, value
-    cdef bint take
-    for oh in range(g.out_h):
-        # only the taps that land inside the plane: kernels may be far larger than the input
-        valid_range(oh * g.sh - g.ph, g.dh, g.height, g.kh, &i0, &i1)
-        for ow in range(g.out_w):
-            valid_range(ow * g.sw - g.pw, g.dw, g.width, g.kw, &j0, &j1)
-            best = -INFINITY
-            best_index = -1
-            for i in range(i0, i1):
-                h = oh * g.sh - g.ph + i * g.dh
-                for j in range(j0, j1):
-                    w = ow * g.sw - g.pw + j * g.dw
-                    value = x[h * g.width + w]
-                    # torch: the first in-bounds element starts the window, then NaN or
-                    # greater wins. Selects, not branches: random data mispredicts.
-                    take = (value > best) | (value != value) | (best_index < 0)
-                    best = value if take else best
-                    best_index = h * g.width + w if take else best_index
-            out[oh * g.out_w + ow] = best
-            indices[oh * g.out_w + ow] = best_index
-
-
-cdef void _max_plane_interior(const real *x, real *out, int64_t *indices, Pool g) noexcept nogil:
-    """_max_plane when every window lies inside the plane: no bounds tests, so the compiler can
-    turn the comparisons into selects."""
-    cdef Py_ssize_t oh, ow, i, j, start, at, best_index
-    cdef int64_t mask
-    cdef real best, value
-    for oh in range(g.out_h):
-        for ow in range(g.out_w):
-            start = oh * g.sh * g.width + ow * g.sw
-            best = x[start]
-            best_index = start
-            for i in range(g.kh):
-                for j in range(g.kw):
-                    at = start + i * g.dh * g.width + j * g.dw
-                    value = x[at]
-                    # integer masks: compilers keep "if greater" as a branch, and random data
-                    # mispredicts it half the time
-                    mask = -<int64_t>((value > best) | (value != value))
-                    best_index = (at & mask) | (best_index & ~mask)
-                    best = x[best_index]
-            out[oh * g.out_w + ow] = best
-            indices[oh * g.out_w + ow] = best_index
-
-
-cdef void _max_plane_values(const real *x, real *out, Pool g) noexcept nogil:
-    """Interior windows, values only (inference): max then NaN, both branch-free."""
-    cdef Py_ssize_t oh, ow, i, j, start
-    cdef real best, value
-    cdef bint nan
-    for oh in range(g.out_h):
-        for ow in range(g.out_w):
-            start = oh * g.sh * g.width + ow * g.sw
-            best = x[start]
-            nan = False
-            for i in range(g.kh):
-                for j in range(g.kw):
-                    value = x[start + i * g.dh * g.width + j * g.dw]
-                    nan = nan | (value != value)
-                    best = value if value > best else best
-            out[oh * g.out_w + ow] = NAN if nan else best  # NaN wins, as in torch
+from pooling cimport (
+    Pool, interior_windows, make_pool, max_plane, max_plane_interior, max_plane_values,
+)
 
 
 def max_pool2d_values(const real[:, :, ::1] x, real[:, :, ::1] out, tuple args, int num_threads):
     """max_pool2d without indices, for windows that all lie inside the plane (see _interior)."""
-    cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args)
+    cdef Pool g = make_pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args)
     cdef Py_ssize_t plane
     for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
-        _max_plane_values(&x[plane, 0, 0], &out[plane, 0, 0], g)
+        max_plane_values(&x[plane, 0, 0], &out[plane, 0, 0], g)
 
 
 def interior(tuple shape, tuple args):
     """Whether every window of a (H, W) plane with these pool args lies inside it."""
-    return _interior(_pool(shape[0], shape[1], shape[2], shape[3], args))
+    return interior_windows(make_pool(shape[0], shape[1], shape[2], shape[3], args))
 
 
 def max_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, int64_t[:, :, ::1] indices,
                        tuple args, int num_threads):
     """args: (kh, kw, sh, sw, ph, pw, dh, dw)."""
-    cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args)
-    cdef bint interior = _interior(g)
+    cdef Pool g = make_pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args)
+    cdef bint interior = interior_windows(g)
     cdef Py_ssize_t plane
     for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
         if interior:
-            _max_plane_interior(&x[plane, 0, 0], &out[plane, 0, 0], &indices[plane, 0, 0], g)
+            max_plane_interior(&x[plane, 0, 0], &out[plane, 0, 0], &indices[plane, 0, 0], g)
         else:
-            _max_plane(&x[plane, 0, 0], &out[plane, 0, 0], &indices[plane, 0, 0], g)
+            max_plane(&x[plane, 0, 0], &out[plane, 0, 0], &indices[plane, 0, 0], g)
 
 
 def max_pool2d_backward(const real[:, ::1] grad_output, const int64_t[:, ::1] indices,
@@ -228,18 +149,11 @@ cdef void _avg_plane_backward_interior(const real *grad, real *grad_input, Pool 
                     grad_input[start + i * g.width + j] += share
 
 
-cdef bint _interior(Pool g) noexcept nogil:
-    """Every window lies inside the plane (no padding reached, none clipped)."""
-    return (g.ph == 0 and g.pw == 0
-            and (g.out_h - 1) * g.sh + (g.kh - 1) * g.dh < g.height
-            and (g.out_w - 1) * g.sw + (g.kw - 1) * g.dw < g.width)
-
-
 def avg_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, tuple args,
                        bint count_include_pad, int num_threads):
     """args: (kh, kw, sh, sw, ph, pw, 1, 1)."""
-    cdef Pool g = _pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args, count_include_pad)
-    cdef bint interior = _interior(g)
+    cdef Pool g = make_pool(x.shape[1], x.shape[2], out.shape[1], out.shape[2], args, count_include_pad)
+    cdef bint interior = interior_windows(g)
     cdef Py_ssize_t plane
     for plane in prange(x.shape[0], nogil=True, schedule="static", num_threads=num_threads):
         if interior:
@@ -251,9 +165,9 @@ def avg_pool2d_forward(const real[:, :, ::1] x, real[:, :, ::1] out, tuple args,
 def avg_pool2d_backward(const real[:, :, ::1] grad_output, real[:, :, ::1] grad_input, tuple args,
                         bint count_include_pad, int num_threads):
     """Spread each output's gradient evenly over its window; overwrites grad_input."""
-    cdef Pool g = _pool(grad_input.shape[1], grad_input.shape[2], grad_output.shape[1],
+    cdef Pool g = make_pool(grad_input.shape[1], grad_input.shape[2], grad_output.shape[1],
                         grad_output.shape[2], args, count_include_pad)
-    cdef bint interior = _interior(g)
+    cdef bint interior = interior_windows(g)
     cdef Py_ssize_t plane
     for plane in prange(grad_input.shape[0], nogil=True, schedule="static", num_threads=num_threads):
         if interior:

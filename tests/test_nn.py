@@ -543,3 +543,35 @@ def test_no_grad_gives_the_same_outputs():
         got = model(x)
     assert nn.is_grad_enabled()
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_conv_relu_max_pool_matches_torch(dtype):
+    """Sequential pools a convolution's output in the same pass (Conv2d.forward_pooled) and runs
+    the ReLU after the pool: values and every gradient must still be torch's."""
+    torch = pytest.importorskip("torch", reason="torch not installed: fused parity not checked")
+    ours = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1, rng=0, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, rng=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2, stride=1),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 3, rng=2, dtype=dtype),
+    )
+    tdtype = torch.float64 if dtype == np.float64 else torch.float32
+    theirs = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2, stride=1),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 3 * 3, 3),
+    ).to(tdtype)
+    theirs.load_state_dict({k: torch.tensor(v) for k, v in ours.state_dict().items()})
+    ours.needs_input_grad = True
+    x = np.random.default_rng(3).standard_normal((5, 2, 12, 12)).astype(dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    out, tout = ours(x), theirs(tx)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, tout.detach().numpy(), rtol=tol, atol=tol)
+    grad = np.random.default_rng(4).standard_normal(out.shape).astype(dtype)
+    tout.backward(torch.tensor(grad))
+    np.testing.assert_allclose(ours.backward(grad), tx.grad.numpy(), rtol=tol * 10, atol=tol * 10)
+    for (name, p), (_, tp) in zip(ours.named_parameters(), theirs.named_parameters()):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=tol * 10, atol=tol * 10, err_msg=name)
+    with nn.no_grad():  # the values-only fused path
+        np.testing.assert_array_equal(ours(x), out)

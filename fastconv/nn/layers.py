@@ -71,6 +71,19 @@ class Conv2d(Module):
         bias = None if self.bias is None else self.bias.data
         return F.conv2d(self._x, self.weight.data, bias, *self._geometry())
 
+    def forward_pooled(self, x: np.ndarray, pool: MaxPool2d) -> np.ndarray | None:
+        """pool(self(x)) in one pass (the output is pooled while in cache), or None where the
+        fused kernel does not apply; `pool` keeps what its backward needs."""
+        x = np.ascontiguousarray(x)
+        bias = None if self.bias is None else self.bias.data
+        fused = F._conv2d_max_pool2d(x, self.weight.data, bias, *self._geometry(), pool._args())
+        if fused is None:
+            return None
+        self._x = x
+        out, pool._indices, pool._input_shape = fused
+        pool._x = None
+        return out
+
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         grad_input, grad_weight, grad_bias = F.conv2d_backward(
             grad_output, self._x, self.weight.data, *self._geometry(),
@@ -126,6 +139,8 @@ class MaxPool2d(Module):
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         if not self.needs_input_grad:
             return None
+        if self._x is None:  # fed by Conv2d.forward_pooled: only the indices were kept
+            return F._max_pool2d_backward_from_indices(grad_output, self._indices, self._input_shape)
         return F.max_pool2d_backward(grad_output, self._x, *self._args(), indices=self._indices)
 
     def config(self) -> dict[str, Any]:

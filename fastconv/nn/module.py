@@ -250,9 +250,19 @@ class Sequential(Module):
         return ((str(i), layer) for i, layer in enumerate(self.layers))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._order = self._execution_order()
-        for layer in self._order:
+        from .layers import Conv2d, MaxPool2d
+
+        self._order = order = self._execution_order()
+        i = 0
+        while i < len(order):
+            layer, after = order[i], order[i + 1] if i + 1 < len(order) else None
+            if type(layer) is Conv2d and type(after) is MaxPool2d:
+                pooled = layer.forward_pooled(x, after)  # None where fusing does not apply
+                if pooled is not None:
+                    x, i = pooled, i + 2
+                    continue
             x = layer(x)
+            i += 1
         return x
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
