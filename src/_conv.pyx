@@ -193,6 +193,29 @@ cdef inline void _restore_blas(int team, int previous) noexcept nogil:
         _set_threads_local(previous)
 
 
+cdef void _conv_sample(const real *x, const real *weight, Py_ssize_t groups, Py_ssize_t rows_g,
+                       Py_ssize_t k_g, const real *bias, bint has_bias, bint relu, real *cols,
+                       real *out, Geometry g) noexcept nogil:
+    """One sample: out (C_out, P) = weight @ im2col(x) per group (+ bias) (then ReLU)."""
+    cdef Py_ssize_t positions = g.out_h * g.out_w, grp, o, p
+    cdef real b, v
+    cdef real *row
+    _im2col(x, cols, g)
+    for grp in range(groups):
+        _gemm(False, False, rows_g, positions, k_g, weight + grp * rows_g * k_g, k_g,
+              cols + grp * k_g * positions, positions, 0, out + grp * rows_g * positions, positions)
+    if has_bias or relu:
+        # the sample's output is still in cache: add the bias and rectify now
+        for o in range(groups * rows_g):
+            row = out + o * positions
+            b = bias[o] if has_bias else 0
+            for p in range(positions):
+                v = row[p] + b
+                if relu and v < 0:
+                    v = 0
+                row[p] = v
+
+
 def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
                    const real[::1] bias, real[:, :, ::1] out, real[:, :, ::1] workspace,
                    tuple args, bint has_bias, bint relu, int num_threads):
@@ -201,33 +224,15 @@ def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
     workspace: (threads, K, P). out: (N, C_out, P).
     """
     cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
-    cdef Py_ssize_t groups = weight.shape[0], rows_g = weight.shape[1], k_g = weight.shape[2]
-    cdef Py_ssize_t positions = g.out_h * g.out_w, c_out = out.shape[1]
-    cdef Py_ssize_t n, grp, o, p
-    cdef int tid, previous = 0
-    cdef real b, v
-    cdef real *cols
-    cdef real *dst
+    cdef Py_ssize_t n
+    cdef int previous = 0
     with nogil:
         previous = _single_threaded_blas(num_threads)
         for n in prange(x.shape[0], schedule="static", num_threads=num_threads):
-            tid = threadid()
             _single_threaded_blas(num_threads)
-            cols = &workspace[tid, 0, 0]
-            _im2col(&x[n, 0, 0, 0], cols, g)
-            for grp in range(groups):
-                _gemm(False, False, rows_g, positions, k_g, &weight[grp, 0, 0], k_g,
-                      cols + grp * k_g * positions, positions, 0, &out[n, grp * rows_g, 0], positions)
-            if has_bias or relu:
-                # the sample's output is still in cache: add the bias and rectify now
-                for o in range(c_out):
-                    dst = &out[n, o, 0]
-                    b = bias[o] if has_bias else 0
-                    for p in range(positions):
-                        v = dst[p] + b
-                        if relu and v < 0:
-                            v = 0
-                        dst[p] = v
+            _conv_sample(&x[n, 0, 0, 0], &weight[0, 0, 0], weight.shape[0], weight.shape[1],
+                         weight.shape[2], &bias[0], has_bias, relu,
+                         &workspace[threadid(), 0, 0], &out[n, 0, 0], g)
         _restore_blas(num_threads, previous)
 
 
@@ -279,31 +284,21 @@ def conv2d_max_pool_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] we
     that all lie inside the plane (fastconv.functional checks).
     """
     cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
-    cdef Py_ssize_t groups = weight.shape[0], rows_g = weight.shape[1], k_g = weight.shape[2]
     cdef Py_ssize_t positions = g.out_h * g.out_w, c_out = scratch.shape[1]
     cdef Pool p = make_pool(g.out_h, g.out_w, out.shape[2], out.shape[3], pool_args)
-    cdef Py_ssize_t n, grp, o, q
+    cdef Py_ssize_t n, o
     cdef int tid, previous = 0
     cdef real *product
-    cdef real *cols
-    cdef real b
     with nogil:
         previous = _single_threaded_blas(num_threads)
         for n in prange(x.shape[0], schedule="static", num_threads=num_threads):
             tid = threadid()
             _single_threaded_blas(num_threads)
-            cols = &workspace[tid, 0, 0]
             product = &scratch[tid, 0, 0]
-            _im2col(&x[n, 0, 0, 0], cols, g)
-            for grp in range(groups):
-                _gemm(False, False, rows_g, positions, k_g, &weight[grp, 0, 0], k_g,
-                      cols + grp * k_g * positions, positions, 0, product + grp * rows_g * positions,
-                      positions)
+            _conv_sample(&x[n, 0, 0, 0], &weight[0, 0, 0], weight.shape[0], weight.shape[1],
+                         weight.shape[2], &bias[0], has_bias, False, &workspace[tid, 0, 0],
+                         product, g)
             for o in range(c_out):
-                if has_bias:
-                    b = bias[o]
-                    for q in range(positions):
-                        product[o * positions + q] += b
                 if with_indices:
                     max_plane_interior(product + o * positions, &out[n, o, 0, 0],
                                        &indices[n, o, 0, 0], p)
