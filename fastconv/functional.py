@@ -86,11 +86,6 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
     Returns (N, C_out, H_out, W_out); padding may be an int, a pair, 'valid' or 'same'.
     """
-    return _conv2d(x, weight, bias, stride, padding, dilation, groups, relu=False)
-
-
-def _conv2d(x, weight, bias, stride, padding, dilation, groups, relu):
-    """conv2d, optionally followed by ReLU fused into the same pass over the output."""
     a = _args.conv_args(x, weight, stride, padding, dilation, groups)
     bias = _args.bias_array(bias, a.weight)
     g, w = a.geometry, a.weight
@@ -104,7 +99,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, relu):
         has_bias = bias is not None
         _conv.conv2d_forward(
             a.x, weight_by_group, bias if has_bias else np.zeros(1, w.dtype), flat_out,
-            workspace, g.kernel_args, has_bias, relu, threads,
+            workspace, g.kernel_args, has_bias, threads,
         )
         return _finish(out, a.unbatched)
     for n0, count in _batch_chunks(g.n, rows * positions, w.itemsize):
@@ -113,21 +108,17 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, relu):
         np.matmul(weight_by_group, cols, out=flat_out[n0: n0 + count].reshape(count, groups, -1, positions))
     if bias is not None:
         out += bias[:, None, None]
-    if relu:
-        np.maximum(out, 0, out=out)
     return _finish(out, a.unbatched)
 
 
-def _conv2d_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool):
+def _conv2d_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool, with_indices):
     """max_pool2d(conv2d(x), *pool) in one pass, pooling each sample's output in cache.
 
     pool: (kernel_size, stride, padding, dilation, ceil_mode) as max_pool2d takes them. Returns
     (pooled, indices into the convolution's output planes, that output's shape), indices None
-    under nn.no_grad; or None when some pooling window reaches outside the plane (the caller
+    unless with_indices; or None when some pooling window reaches outside the plane (the caller
     then runs the two steps).
     """
-    from .nn.module import is_grad_enabled
-
     a = _args.conv_args(x, weight, stride, padding, dilation, groups)
     bias = _args.bias_array(bias, a.weight)
     g, w = a.geometry, a.weight
@@ -139,7 +130,6 @@ def _conv2d_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool)
         return None
     threads = get_num_threads()
     out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
-    with_indices = is_grad_enabled()
     indices = np.empty(out.shape if with_indices else (1, 1, 1, 1), dtype=np.int64)
     workspace, scratch = _workspace(w.dtype, (threads, rows, positions), (threads, c_out, positions))
     has_bias = bias is not None

@@ -157,10 +157,6 @@ def use_blas(size_t sgemm, size_t dgemm, bint ilp64, size_t set_threads_local):
     _set_threads_local = <set_threads_t><void *>set_threads_local
 
 
-def has_blas():
-    return _sgemm != NULL and _dgemm != NULL
-
-
 cdef void _gemm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                 const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb, real beta,
                 real *c, Py_ssize_t ldc) noexcept nogil:
@@ -194,32 +190,28 @@ cdef inline void _restore_blas(int team, int previous) noexcept nogil:
 
 
 cdef void _conv_sample(const real *x, const real *weight, Py_ssize_t groups, Py_ssize_t rows_g,
-                       Py_ssize_t k_g, const real *bias, bint has_bias, bint relu, real *cols,
+                       Py_ssize_t k_g, const real *bias, bint has_bias, real *cols,
                        real *out, Geometry g) noexcept nogil:
-    """One sample: out (C_out, P) = weight @ im2col(x) per group (+ bias) (then ReLU)."""
+    """One sample: out (C_out, P) = weight @ im2col(x) per group (+ bias)."""
     cdef Py_ssize_t positions = g.out_h * g.out_w, grp, o, p
-    cdef real b, v
+    cdef real b
     cdef real *row
     _im2col(x, cols, g)
     for grp in range(groups):
         _gemm(False, False, rows_g, positions, k_g, weight + grp * rows_g * k_g, k_g,
               cols + grp * k_g * positions, positions, 0, out + grp * rows_g * positions, positions)
-    if has_bias or relu:
-        # the sample's output is still in cache: add the bias and rectify now
+    if has_bias:  # the sample's output is still in cache: add the bias now
         for o in range(groups * rows_g):
             row = out + o * positions
-            b = bias[o] if has_bias else 0
+            b = bias[o]
             for p in range(positions):
-                v = row[p] + b
-                if relu and v < 0:
-                    v = 0
-                row[p] = v
+                row[p] += b
 
 
 def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
                    const real[::1] bias, real[:, :, ::1] out, real[:, :, ::1] workspace,
-                   tuple args, bint has_bias, bint relu, int num_threads):
-    """out[n] = weight @ im2col(x[n]) (+ bias) (then ReLU), per group; weight (G, C_out/G, K/G).
+                   tuple args, bint has_bias, int num_threads):
+    """out[n] = weight @ im2col(x[n]) (+ bias), per group; weight (G, C_out/G, K/G).
 
     workspace: (threads, K, P). out: (N, C_out, P).
     """
@@ -231,7 +223,7 @@ def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
         for n in prange(x.shape[0], schedule="static", num_threads=num_threads):
             _single_threaded_blas(num_threads)
             _conv_sample(&x[n, 0, 0, 0], &weight[0, 0, 0], weight.shape[0], weight.shape[1],
-                         weight.shape[2], &bias[0], has_bias, relu,
+                         weight.shape[2], &bias[0], has_bias,
                          &workspace[threadid(), 0, 0], &out[n, 0, 0], g)
         _restore_blas(num_threads, previous)
 
@@ -296,7 +288,7 @@ def conv2d_max_pool_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] we
             _single_threaded_blas(num_threads)
             product = &scratch[tid, 0, 0]
             _conv_sample(&x[n, 0, 0, 0], &weight[0, 0, 0], weight.shape[0], weight.shape[1],
-                         weight.shape[2], &bias[0], has_bias, False, &workspace[tid, 0, 0],
+                         weight.shape[2], &bias[0], has_bias, &workspace[tid, 0, 0],
                          product, g)
             for o in range(c_out):
                 if with_indices:

@@ -76,7 +76,8 @@ class Conv2d(Module):
         fused kernel does not apply; `pool` keeps what its backward needs."""
         x = np.ascontiguousarray(x)
         bias = None if self.bias is None else self.bias.data
-        fused = F._conv2d_max_pool2d(x, self.weight.data, bias, *self._geometry(), pool._args())
+        fused = F._conv2d_max_pool2d(x, self.weight.data, bias, *self._geometry(), pool._args(),
+                                     with_indices=is_grad_enabled())
         if fused is None:
             return None
         self._x = x
