@@ -81,12 +81,12 @@ def _batch_chunks(n: int, per_sample: int, itemsize: int):
     return [(n0, min(chunk, n - n0)) for n0 in range(0, n, chunk)]
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation) of x (N, C_in, H, W) with weight (C_out, C_in/groups, kH, kW).
 
     Returns (N, C_out, H_out, W_out); padding may be an int, a pair, 'valid' or 'same'.
     """
-    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     bias = _args.bias_array(bias, a.weight)
     g, w = a.geometry, a.weight
     c_out, rows, positions = w.shape[0], g.patch_size, g.out_h * g.out_w
@@ -111,7 +111,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _finish(out, a.unbatched)
 
 
-def _conv2d_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool, with_indices):
+def _conv2d_max_pool2d(input, weight, bias, stride, padding, dilation, groups, pool, with_indices):
     """max_pool2d(conv2d(x), *pool) in one pass, pooling each sample's output in cache.
 
     pool: (kernel_size, stride, padding, dilation, ceil_mode) as max_pool2d takes them. Returns
@@ -119,7 +119,7 @@ def _conv2d_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool,
     unless with_indices; or None when some pooling window reaches outside the plane (the caller
     then runs the two steps).
     """
-    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     bias = _args.bias_array(bias, a.weight)
     g, w = a.geometry, a.weight
     c_out, rows, positions = w.shape[0], g.patch_size, g.out_h * g.out_w
@@ -141,14 +141,14 @@ def _conv2d_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool,
     return out, (indices if with_indices else None), conv_shape
 
 
-def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
+def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
                     output_mask=(True, True, True)):
     """Gradients of conv2d w.r.t. (input, weight, bias), as torch autograd computes them.
 
     output_mask (keyword only, as torch's convolution_backward) skips the gradients not needed,
     returning None in their place: a first layer never needs its input's gradient.
     """
-    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+    a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     g, w = a.geometry, a.weight
     c_out, rows, positions = w.shape[0], g.patch_size, g.out_h * g.out_w
     grad = _args.grad_output_array(
@@ -193,10 +193,10 @@ def _planes(array, g):
     return array.reshape(g.n * g.c_in, *array.shape[2:])
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False):
     """Max pooling of x (N, C, H, W); indices (if asked) are flat positions in each H * W plane."""
-    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     g = a.geometry
     out = np.empty((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
     if not return_indices and _pool.interior((g.h, g.w, g.out_h, g.out_w), g.pool_args):
@@ -211,10 +211,10 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return _finish(out, a.unbatched)
 
 
-def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
+def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, dilation=1,
                         ceil_mode=False, indices=None):
     """Gradient of max_pool2d w.r.t. x; recomputes the indices when they are not given."""
-    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     g = a.geometry
     shape = (g.n, g.c_in, g.out_h, g.out_w)
     grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
@@ -254,9 +254,9 @@ def _max_pool2d_backward_from_indices(grad_output, indices, input_shape):
     return grad_input
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
     """Average pooling of x (N, C, H, W) with torch's divisor rules."""
-    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+    a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
     out = np.empty((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
     _pool.avg_pool2d_forward(
@@ -265,10 +265,10 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     return _finish(out, a.unbatched)
 
 
-def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+def avg_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, ceil_mode=False,
                         count_include_pad=True):
     """Gradient of avg_pool2d w.r.t. x."""
-    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+    a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
     shape = (g.n, g.c_in, g.out_h, g.out_w)
     grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
@@ -280,9 +280,9 @@ def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, cei
     return _finish(grad_input, a.unbatched)
 
 
-def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
+def unfold(input, kernel_size, dilation=1, padding=0, stride=1):
     """im2col: (N, C, H, W) -> (N, C * kH * kW, L) sliding blocks, as torch.nn.functional.unfold."""
-    x4, g, unbatched = _args.unfold_args(x, kernel_size, dilation, padding, stride)
+    x4, g, unbatched = _args.unfold_args(input, kernel_size, dilation, padding, stride)
     cols = np.empty((g.n, g.patch_size, g.out_h * g.out_w), dtype=x4.dtype)
     _conv.im2col(x4, cols, g.kernel_args, get_num_threads())
     return _finish(cols, unbatched)

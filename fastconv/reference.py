@@ -51,8 +51,8 @@ def _grouped_windows(padded, g, groups):
             yield i, j, patch.reshape(g.n, groups, g.c_in // groups, g.out_h * g.out_w)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     bias = _args.bias_array(bias, a.weight)
     g, c_out = a.geometry, a.weight.shape[0]
     wg = a.weight.reshape(groups, c_out // groups, *a.weight.shape[1:])
@@ -66,8 +66,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _finish(out, a.unbatched)
 
 
-def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1):
-    a = _args.conv_args(x, weight, stride, padding, dilation, groups)
+def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1):
+    a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     g, w = a.geometry, a.weight
     c_out = w.shape[0]
     grad = _args.grad_output_array(grad_output, (g.n, c_out, g.out_h, g.out_w), w.dtype, a.unbatched)
@@ -109,18 +109,18 @@ def _max_pool(a):
     return best, best_index
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False):
-    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     out, indices = _max_pool(a)
     if return_indices:
         return _finish(out, a.unbatched), _finish(indices, a.unbatched)
     return _finish(out, a.unbatched)
 
 
-def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
+def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, dilation=1,
                         ceil_mode=False, indices=None):
-    a = _args.pool_args(x, kernel_size, stride, padding, dilation, ceil_mode)
+    a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     g = a.geometry
     shape = (g.n, g.c_in, g.out_h, g.out_w)
     grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
@@ -151,8 +151,8 @@ def _avg_divisor(g, count_include_pad):
     return divisor
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
-    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
     padded = _pad(a.x, g)
     total = np.zeros((g.n, g.c_in, g.out_h, g.out_w), dtype=a.x.dtype)
@@ -163,9 +163,9 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     return _finish(out, a.unbatched)
 
 
-def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+def avg_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, ceil_mode=False,
                         count_include_pad=True):
-    a = _args.pool_args(x, kernel_size, stride, padding, 1, ceil_mode)
+    a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
     grad = _args.grad_output_array(grad_output, (g.n, g.c_in, g.out_h, g.out_w), a.x.dtype, a.unbatched)
     share = grad / _avg_divisor(g, count_include_pad).astype(a.x.dtype)
@@ -176,8 +176,8 @@ def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, cei
     return _finish(np.ascontiguousarray(_unpad(grad_padded, g)), a.unbatched)
 
 
-def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
-    x4, g, unbatched = _args.unfold_args(x, kernel_size, dilation, padding, stride)
+def unfold(input, kernel_size, dilation=1, padding=0, stride=1):
+    x4, g, unbatched = _args.unfold_args(input, kernel_size, dilation, padding, stride)
     padded = _pad(x4, g)
     blocks = [_window(padded, g, i, j) for i in range(g.kh) for j in range(g.kw)]
     # rows ordered (channel, kernel row, kernel column), as torch
