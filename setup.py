@@ -16,6 +16,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 KERNELS = ["_conv", "_pool", "_norm"]  # src/<name>.pyx -> fastconv.<name>
+# Hand-written C compiled into a kernel module beside its .pyx.
+C_SOURCES = {"_conv": ["src/winograd.c"]}
 
 
 def compiler_has_openmp() -> bool:
@@ -55,9 +57,9 @@ if openmp:
 extensions = [
     Extension(
         f"fastconv.{name}",
-        [f"src/{name}.pyx"],
-        depends=["src/common.pxd", "src/pooling.pxd"],
-        include_dirs=[np.get_include()],
+        [f"src/{name}.pyx", *C_SOURCES.get(name, [])],
+        depends=["src/common.pxd", "src/pooling.pxd", "src/winograd.h"],
+        include_dirs=[np.get_include(), "src"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=[

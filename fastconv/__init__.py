@@ -12,7 +12,8 @@ _runtime.configure()  # before the kernels load: see fastconv/_runtime.py
 
 from .functional import (
     avg_pool2d, avg_pool2d_backward, batch_norm, batch_norm_backward, conv2d, conv2d_backward,
-    fold, max_pool2d, max_pool2d_backward, set_workspace_limit, unfold, workspace_limit,
+    fold, get_conv_algorithm, max_pool2d, max_pool2d_backward, set_conv_algorithm, set_workspace_limit,
+    unfold, workspace_limit,
 )
 from .threads import _from_environment, get_num_threads, set_num_threads
 
@@ -24,7 +25,7 @@ __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
     "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
     "set_num_threads", "get_num_threads",
-    "set_workspace_limit", "workspace_limit",
+    "set_workspace_limit", "workspace_limit", "set_conv_algorithm", "get_conv_algorithm",
 ]
 
 _SUBMODULES = {

@@ -19,7 +19,8 @@ from .threads import get_num_threads
 __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
     "avg_pool2d", "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
-    "set_workspace_limit", "workspace_limit",
+    "set_workspace_limit", "workspace_limit", "set_conv_algorithm", "get_conv_algorithm",
+    "conv2d_algorithm",
 ]
 
 _workspace_limit = int(float(os.environ.get("FASTCONV_WORKSPACE_MB", "32")) * 2**20)
@@ -55,6 +56,100 @@ def _workspace(dtype, *shapes):
         buffer[start + o: start + o + s].view(dtype).reshape(shape)
         for o, s, shape in zip(offsets, sizes, shapes)
     ]
+
+
+CONV_ALGORITHMS = ("auto", "direct", "winograd")
+
+
+def _checked_algorithm(name: str, value) -> str:
+    if value not in CONV_ALGORITHMS:
+        raise ValueError(f"{name}: expected one of {', '.join(CONV_ALGORITHMS)}, got {value!r}")
+    return value
+
+
+_conv_algorithm = _checked_algorithm("FASTCONV_CONV_ALGO", os.environ.get("FASTCONV_CONV_ALGO") or "auto")
+
+
+def set_conv_algorithm(algorithm: str) -> None:
+    """How convolutions run: "auto" (by shape, the default; or $FASTCONV_CONV_ALGO), "direct"
+    (im2col + GEMM) or "winograd" (F(2x2, 3x3) wherever it applies: 3x3 kernel, stride 1,
+    dilation 1, one group, float32; direct elsewhere)."""
+    global _conv_algorithm
+    _conv_algorithm = _checked_algorithm("algorithm", algorithm)
+
+
+def get_conv_algorithm() -> str:
+    return _conv_algorithm
+
+
+# Measured (benchmarks/test_benchmarks.py, 2 threads): Winograd pays once both channel counts
+# reach this; below it the transforms cost more than the products they save.
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def conv2d_algorithm(geometry, out_channels: int, groups: int, dtype) -> str:
+    """"winograd" or "direct": what conv2d and conv2d_backward run for this convolution."""
+    g = geometry
+    applies = (
+        (g.kh, g.kw, g.stride, g.dilation, groups) == (3, 3, (1, 1), (1, 1), 1)
+        and np.dtype(dtype) == np.float32
+        and _blas_in_kernels()
+    )
+    if not applies or _conv_algorithm == "direct":
+        return "direct"
+    if _conv_algorithm == "winograd":
+        return "winograd"
+    return "winograd" if min(g.c_in, out_channels) >= WINOGRAD_MIN_CHANNELS else "direct"
+
+
+# G of F(2x2, 3x3): a 3x3 filter w becomes the 4x4 tile G w G^T.
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+
+
+def _winograd_weight(weight):
+    """(C_out, C_in, 3, 3) -> (16, C_out, C_in): point 4i + j of G w G^T."""
+    c_out, c_in = weight.shape[:2]
+    g = _WINOGRAD_G
+    rows = (weight.reshape(-1, 3) @ g.T).reshape(c_out, c_in, 3, 4)  # w G^T
+    tile = (rows.transpose(0, 1, 3, 2).reshape(-1, 3) @ g.T).reshape(c_out, c_in, 4, 4)  # [j, i]
+    return np.ascontiguousarray(tile.transpose(3, 2, 0, 1)).reshape(16, c_out, c_in)
+
+
+def _winograd_weight_grad(grad_u):
+    """The adjoint of _winograd_weight: (16, C_out, C_in) -> (C_out, C_in, 3, 3), G^T dU G."""
+    c_out, c_in = grad_u.shape[1:]
+    g = _WINOGRAD_G
+    tile = grad_u.reshape(4, 4, c_out, c_in).transpose(2, 3, 0, 1)  # [k, c, i, j]
+    cols = (tile.reshape(-1, 4) @ g).reshape(c_out, c_in, 4, 3)  # dU G
+    grad = (cols.transpose(0, 1, 3, 2).reshape(-1, 4) @ g).reshape(c_out, c_in, 3, 3)  # [b, a]
+    return np.ascontiguousarray(grad.transpose(0, 1, 3, 2))
+
+
+def _winograd_block(n, args, c_in, c_out, threads):
+    """Tiles per block: a block's transformed input and products (~1 MiB) stay in L2, and the
+    blocks split evenly between the threads."""
+    out_h, out_w = args[2:]
+    total = max(1, n * ((out_h + 1) // 2) * ((out_w + 1) // 2))
+    target = max(16, 16384 // (c_in + c_out))
+    blocks = _ceil_div(_ceil_div(total, target), threads) * threads
+    return max(16, _ceil_div(_ceil_div(total, blocks), 16) * 16)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _winograd_conv2d(x, u, bias, out, args, threads):
+    """out = conv2d(x) given u = _winograd_weight(weight); args: (pad_top, pad_left, out_h, out_w)."""
+    c_in, c_out = x.shape[1], u.shape[1]
+    block = _winograd_block(x.shape[0], args, c_in, c_out, threads)
+    size = _conv.winograd_workspace_size(c_in, c_out, args, block)
+    (workspace,) = _workspace(np.float32, (threads, size))
+    has_bias = bias is not None
+    _conv.winograd_conv2d_forward(
+        x, u, bias if has_bias else np.zeros(1, np.float32), out, workspace, args, block,
+        has_bias, threads,
+    )
 
 
 def _finish(out, unbatched):
@@ -94,6 +189,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     flat_out = out.reshape(g.n, c_out, positions)
     weight_by_group = w.reshape(groups, c_out // groups, rows // groups)
     threads = get_num_threads()
+    if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd":
+        args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
+        _winograd_conv2d(a.x, _winograd_weight(w), bias, out, args, threads)
+        return _finish(out, a.unbatched)
     if _blas_in_kernels():
         (workspace,) = _workspace(w.dtype, (threads, rows, positions))
         has_bias = bias is not None
@@ -158,7 +257,11 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     grad_input = np.empty_like(a.x) if want_input else None
     weight_by_group = w.reshape(groups, c_out // groups, rows // groups)
     threads = get_num_threads()
-    if _blas_in_kernels():
+    if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd":
+        grad_weight = _winograd_conv2d_backward(
+            grad.reshape(g.n, c_out, g.out_h, g.out_w), a.x, w, g, grad_input, want_weight, threads
+        )
+    elif _blas_in_kernels():
         # one weight-gradient accumulator per thread, summed in a fixed order: reproducible
         partial, workspace = _workspace(
             w.dtype, (threads, *weight_by_group.shape), (threads, rows, positions)
@@ -187,6 +290,30 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         grad_weight.reshape(w.shape) if want_weight else None,
         grad.sum(axis=(0, 2)) if want_bias else None,
     )
+
+
+def _winograd_conv2d_backward(grad, x, weight, g, grad_input, want_weight, threads):
+    """conv2d_backward by Winograd: fills grad_input (unless None), returns the weight gradient.
+
+    The weight gradient is the adjoint of the forward's products, point by point; the input
+    gradient is the convolution of grad with the flipped, transposed filters, padded by 2 - pad
+    (a negative pad crops), which is again 3x3 and stride 1.
+    """
+    c_out, c_in = weight.shape[:2]
+    grad_weight = None
+    if want_weight:
+        args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
+        block = _winograd_block(g.n, args, c_in, c_out, threads)
+        size = _conv.winograd_workspace_size(c_in, c_out, args, block)
+        partial, workspace = _workspace(np.float32, (threads, 16, c_out, c_in), (threads, size))
+        partial[...] = 0
+        _conv.winograd_conv2d_weight_grad(grad, x, partial, workspace, args, block, threads)
+        grad_weight = _winograd_weight_grad(partial.sum(axis=0))
+    if grad_input is not None:
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        args = (2 - g.pad_top, 2 - g.pad_left, g.h, g.w)
+        _winograd_conv2d(grad, _winograd_weight(flipped), None, grad_input, args, threads)
+    return grad_weight
 
 
 def _planes(array, g):

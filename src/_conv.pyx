@@ -297,3 +297,108 @@ def conv2d_max_pool_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] we
                 else:
                     max_plane_values(product + o * positions, &out[n, o, 0, 0], p)
         _restore_blas(num_threads, previous)
+
+
+# --- Winograd F(2x2, 3x3): 3x3, stride 1, dilation 1, one group, float32 -------------------------
+
+cdef extern from "winograd.h":
+    ctypedef struct WinogradGeometry:
+        int64_t channels, height, width, pad_h, pad_w, out_h, out_w, tiles_h, tiles_w
+    int64_t winograd_stage_size(const WinogradGeometry *g) noexcept nogil
+    void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first,
+                                  int64_t count, float *v, int64_t ld, float *stage) noexcept nogil
+    void winograd_output_transform(const float *m, int64_t ld, int64_t out_channels,
+                                   const WinogradGeometry *g, int64_t first, int64_t count,
+                                   const float *bias, float *out, float *stage) noexcept nogil
+    void winograd_grad_transform(const float *grad, int64_t out_channels,
+                                 const WinogradGeometry *g, int64_t first, int64_t count,
+                                 float *m, int64_t ld, float *stage) noexcept nogil
+    const char *winograd_isa()
+
+winograd_kernels = winograd_isa().decode()
+
+
+cdef WinogradGeometry _winograd_geometry(Py_ssize_t channels, Py_ssize_t height, Py_ssize_t width,
+                                         tuple args):
+    """args: (pad_top, pad_left, out_h, out_w); a negative pad crops (the input gradient's)."""
+    cdef WinogradGeometry g
+    g.channels, g.height, g.width = channels, height, width
+    g.pad_h, g.pad_w, g.out_h, g.out_w = args
+    g.tiles_h, g.tiles_w = (g.out_h + 1) // 2, (g.out_w + 1) // 2
+    return g
+
+
+def winograd_workspace_size(Py_ssize_t channels, Py_ssize_t out_channels, tuple args,
+                            Py_ssize_t block):
+    """Floats of one thread's workspace for blocks of `block` tiles."""
+    cdef WinogradGeometry g = _winograd_geometry(channels, 0, 0, args)
+    return 16 * (channels + out_channels) * block + winograd_stage_size(&g)
+
+
+def winograd_conv2d_forward(const float[:, :, :, ::1] x, const float[:, :, ::1] u,
+                            const float[::1] bias, float[:, :, :, ::1] out,
+                            float[:, ::1] workspace, tuple args, Py_ssize_t block,
+                            bint has_bias, int num_threads):
+    """out = conv2d(x, w) + bias from u, w's transform (16, C_out, C_in); args as the geometry's.
+
+    Blocks of `block` tiles: transform the inputs (v: 16 x C_in x block), 16 products with u,
+    transform back. workspace: (threads, winograd_workspace_size(...)[1]).
+    """
+    cdef WinogradGeometry g = _winograd_geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t c_in = x.shape[1], c_out = u.shape[1]
+    cdef Py_ssize_t total = x.shape[0] * g.tiles_h * g.tiles_w
+    cdef Py_ssize_t blocks = (total + block - 1) // block, b, first, count, p
+    cdef int previous = 0
+    cdef float *v
+    cdef float *m
+    with nogil:
+        previous = _single_threaded_blas(num_threads)
+        for b in prange(blocks, schedule="static", num_threads=num_threads):
+            _single_threaded_blas(num_threads)
+            v = &workspace[threadid(), 0]
+            m = v + 16 * c_in * block
+            first = b * block
+            count = min(block, total - first)
+            winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, block,
+                                     m + 16 * c_out * block)
+            for p in range(16):
+                _gemm(False, False, c_out, count, c_in, &u[p, 0, 0], c_in,
+                      v + p * c_in * block, block, 0, m + p * c_out * block, block)
+            winograd_output_transform(m, block, c_out, &g, first, count,
+                                      &bias[0] if has_bias else NULL, &out[0, 0, 0, 0],
+                                      m + 16 * c_out * block)
+        _restore_blas(num_threads, previous)
+
+
+def winograd_conv2d_weight_grad(const float[:, :, :, ::1] grad, const float[:, :, :, ::1] x,
+                                float[:, :, :, ::1] grad_u, float[:, ::1] workspace,
+                                tuple args, Py_ssize_t block, int num_threads):
+    """grad_u[t] += the transformed weight gradient (16, C_out, C_in) of thread t's tile blocks.
+
+    The adjoint of the forward's products: per point, (A dY A^T) @ (B^T d B)^T over the tiles.
+    grad_u: (threads, 16, C_out, C_in), zeroed by the caller, summed and transformed after.
+    """
+    cdef WinogradGeometry g = _winograd_geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t c_in = x.shape[1], c_out = grad.shape[1]
+    cdef Py_ssize_t total = x.shape[0] * g.tiles_h * g.tiles_w
+    cdef Py_ssize_t blocks = (total + block - 1) // block, b, first, count, p
+    cdef int tid, previous = 0
+    cdef float *v
+    cdef float *m
+    with nogil:
+        previous = _single_threaded_blas(num_threads)
+        for b in prange(blocks, schedule="static", num_threads=num_threads):
+            tid = threadid()
+            _single_threaded_blas(num_threads)
+            v = &workspace[tid, 0]
+            m = v + 16 * c_in * block
+            first = b * block
+            count = min(block, total - first)
+            winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, block,
+                                     m + 16 * c_out * block)
+            winograd_grad_transform(&grad[0, 0, 0, 0], c_out, &g, first, count, m, block,
+                                    m + 16 * c_out * block)
+            for p in range(16):
+                _gemm(False, True, c_out, c_in, count, m + p * c_out * block, block,
+                      v + p * c_in * block, block, 1, &grad_u[tid, p, 0, 0], c_in)
+        _restore_blas(num_threads, previous)
