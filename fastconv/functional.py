@@ -126,13 +126,13 @@ def _winograd_weight_grad(grad_u):
 
 
 def _winograd_block(n, args, c_in, c_out, threads):
-    """Tiles per block: a block's transformed input and products (~1 MiB) stay in L2, and the
-    blocks split evenly between the threads."""
+    """Rows of tiles per block: a block's transformed input and products (~1 MiB) stay in L2,
+    and the blocks split evenly between the threads."""
     out_h, out_w = args[2:]
-    total = max(1, n * ((out_h + 1) // 2) * ((out_w + 1) // 2))
-    target = max(16, 16384 // (c_in + c_out))
-    blocks = _ceil_div(_ceil_div(total, target), threads) * threads
-    return max(16, _ceil_div(_ceil_div(total, blocks), 16) * 16)
+    rows, slots_per_row = n * ((out_h + 1) // 2), (out_w + 1) // 2 + 1
+    target = max(1, 16384 // ((c_in + c_out) * slots_per_row))
+    blocks = _ceil_div(_ceil_div(max(rows, 1), target), threads) * threads
+    return max(1, _ceil_div(rows, blocks))
 
 
 def _ceil_div(a, b):

@@ -304,14 +304,15 @@ def conv2d_max_pool_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] we
 cdef extern from "winograd.h":
     ctypedef struct WinogradGeometry:
         int64_t channels, height, width, pad_h, pad_w, out_h, out_w, tiles_h, tiles_w
-    int64_t winograd_stage_size(const WinogradGeometry *g) noexcept nogil
-    void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first,
-                                  int64_t count, float *v, int64_t ld, float *stage) noexcept nogil
+    int64_t winograd_slots(const WinogradGeometry *g, int64_t rows) noexcept nogil
+    int64_t winograd_stage_size(const WinogradGeometry *g, int64_t rows) noexcept nogil
+    void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first_row,
+                                  int64_t rows, float *v, int64_t ld, float *stage) noexcept nogil
     void winograd_output_transform(const float *m, int64_t ld, int64_t out_channels,
-                                   const WinogradGeometry *g, int64_t first, int64_t count,
+                                   const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                    const float *bias, float *out, float *stage) noexcept nogil
     void winograd_grad_transform(const float *grad, int64_t out_channels,
-                                 const WinogradGeometry *g, int64_t first, int64_t count,
+                                 const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                  float *m, int64_t ld, float *stage) noexcept nogil
     const char *winograd_isa()
 
@@ -329,76 +330,83 @@ cdef WinogradGeometry _winograd_geometry(Py_ssize_t channels, Py_ssize_t height,
 
 
 def winograd_workspace_size(Py_ssize_t channels, Py_ssize_t out_channels, tuple args,
-                            Py_ssize_t block):
-    """Floats of one thread's workspace for blocks of `block` tiles."""
+                            Py_ssize_t rows):
+    """Floats of one thread's workspace for blocks of `rows` rows of tiles."""
     cdef WinogradGeometry g = _winograd_geometry(channels, 0, 0, args)
-    return 16 * (channels + out_channels) * block + winograd_stage_size(&g)
+    return 16 * (channels + out_channels) * _leading_dimension(&g, rows) + winograd_stage_size(&g, rows)
+
+
+cdef Py_ssize_t _leading_dimension(const WinogradGeometry *g, Py_ssize_t rows) noexcept nogil:
+    """A block's slots rounded to whole cache lines, so every product row starts aligned."""
+    return (winograd_slots(g, rows) + 15) // 16 * 16
 
 
 def winograd_conv2d_forward(const float[:, :, :, ::1] x, const float[:, :, ::1] u,
                             const float[::1] bias, float[:, :, :, ::1] out,
-                            float[:, ::1] workspace, tuple args, Py_ssize_t block,
+                            float[:, ::1] workspace, tuple args, Py_ssize_t rows,
                             bint has_bias, int num_threads):
     """out = conv2d(x, w) + bias from u, w's transform (16, C_out, C_in); args as the geometry's.
 
-    Blocks of `block` tiles: transform the inputs (v: 16 x C_in x block), 16 products with u,
-    transform back. workspace: (threads, winograd_workspace_size(...)[1]).
+    Blocks of `rows` rows of tiles: transform the inputs (v: 16 x C_in x slots), 16 products with
+    u, transform back. workspace: (threads, winograd_workspace_size(...)).
     """
     cdef WinogradGeometry g = _winograd_geometry(x.shape[1], x.shape[2], x.shape[3], args)
-    cdef Py_ssize_t c_in = x.shape[1], c_out = u.shape[1]
-    cdef Py_ssize_t total = x.shape[0] * g.tiles_h * g.tiles_w
-    cdef Py_ssize_t blocks = (total + block - 1) // block, b, first, count, p
+    cdef Py_ssize_t c_in = x.shape[1], c_out = u.shape[1], ld = _leading_dimension(&g, rows)
+    cdef Py_ssize_t total = x.shape[0] * g.tiles_h
+    cdef Py_ssize_t blocks = (total + rows - 1) // rows, b, first, count, slots, p
     cdef int previous = 0
     cdef float *v
     cdef float *m
+    cdef float *stage
     with nogil:
         previous = _single_threaded_blas(num_threads)
         for b in prange(blocks, schedule="static", num_threads=num_threads):
             _single_threaded_blas(num_threads)
             v = &workspace[threadid(), 0]
-            m = v + 16 * c_in * block
-            first = b * block
-            count = min(block, total - first)
-            winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, block,
-                                     m + 16 * c_out * block)
+            m = v + 16 * c_in * ld
+            stage = m + 16 * c_out * ld
+            first = b * rows
+            count = min(rows, total - first)
+            slots = winograd_slots(&g, count)
+            winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, ld, stage)
             for p in range(16):
-                _gemm(False, False, c_out, count, c_in, &u[p, 0, 0], c_in,
-                      v + p * c_in * block, block, 0, m + p * c_out * block, block)
-            winograd_output_transform(m, block, c_out, &g, first, count,
-                                      &bias[0] if has_bias else NULL, &out[0, 0, 0, 0],
-                                      m + 16 * c_out * block)
+                _gemm(False, False, c_out, slots, c_in, &u[p, 0, 0], c_in,
+                      v + p * c_in * ld, ld, 0, m + p * c_out * ld, ld)
+            winograd_output_transform(m, ld, c_out, &g, first, count,
+                                      &bias[0] if has_bias else NULL, &out[0, 0, 0, 0], stage)
         _restore_blas(num_threads, previous)
 
 
 def winograd_conv2d_weight_grad(const float[:, :, :, ::1] grad, const float[:, :, :, ::1] x,
                                 float[:, :, :, ::1] grad_u, float[:, ::1] workspace,
-                                tuple args, Py_ssize_t block, int num_threads):
+                                tuple args, Py_ssize_t rows, int num_threads):
     """grad_u[t] += the transformed weight gradient (16, C_out, C_in) of thread t's tile blocks.
 
     The adjoint of the forward's products: per point, (A dY A^T) @ (B^T d B)^T over the tiles.
     grad_u: (threads, 16, C_out, C_in), zeroed by the caller, summed and transformed after.
     """
     cdef WinogradGeometry g = _winograd_geometry(x.shape[1], x.shape[2], x.shape[3], args)
-    cdef Py_ssize_t c_in = x.shape[1], c_out = grad.shape[1]
-    cdef Py_ssize_t total = x.shape[0] * g.tiles_h * g.tiles_w
-    cdef Py_ssize_t blocks = (total + block - 1) // block, b, first, count, p
+    cdef Py_ssize_t c_in = x.shape[1], c_out = grad.shape[1], ld = _leading_dimension(&g, rows)
+    cdef Py_ssize_t total = x.shape[0] * g.tiles_h
+    cdef Py_ssize_t blocks = (total + rows - 1) // rows, b, first, count, slots, p
     cdef int tid, previous = 0
     cdef float *v
     cdef float *m
+    cdef float *stage
     with nogil:
         previous = _single_threaded_blas(num_threads)
         for b in prange(blocks, schedule="static", num_threads=num_threads):
             tid = threadid()
             _single_threaded_blas(num_threads)
             v = &workspace[tid, 0]
-            m = v + 16 * c_in * block
-            first = b * block
-            count = min(block, total - first)
-            winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, block,
-                                     m + 16 * c_out * block)
-            winograd_grad_transform(&grad[0, 0, 0, 0], c_out, &g, first, count, m, block,
-                                    m + 16 * c_out * block)
+            m = v + 16 * c_in * ld
+            stage = m + 16 * c_out * ld
+            first = b * rows
+            count = min(rows, total - first)
+            slots = winograd_slots(&g, count)
+            winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, ld, stage)
+            winograd_grad_transform(&grad[0, 0, 0, 0], c_out, &g, first, count, m, ld, stage)
             for p in range(16):
-                _gemm(False, True, c_out, c_in, count, m + p * c_out * block, block,
-                      v + p * c_in * block, block, 1, &grad_u[tid, p, 0, 0], c_in)
+                _gemm(False, True, c_out, c_in, slots, m + p * c_out * ld, ld,
+                      v + p * c_in * ld, ld, 1, &grad_u[tid, p, 0, 0], c_in)
         _restore_blas(num_threads, previous)

@@ -1,15 +1,12 @@
 /* Winograd F(2x2, 3x3) transforms; see winograd.h for the data layout.
  *
- * The transforms are additions only and memory-bound: each one stages a row of tiles in a
- * small buffer, combines whole rows (contiguous, so the compiler vectorises them), then splits
- * the row into tiles. On x86-64 with GCC or clang every function is compiled three times
- * (AVX-512, AVX2, baseline SSE2) and the loader picks the best one for the CPU, so one build
- * runs everywhere.
+ * The transforms are additions only and memory-bound: each stages the block's rows of tiles in
+ * flat buffers and combines them in long contiguous loops the compiler vectorises. On x86-64
+ * Linux with GCC or clang every function is compiled three times (AVX-512, AVX2, baseline
+ * SSE2) and the loader picks the best one for the CPU, so one build runs everywhere.
  *
  *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]      A^T = [1 1 1 0; 0 1 -1 -1]
  */
-#include <string.h>
-
 #include "winograd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -19,152 +16,190 @@
 #define FASTCONV_MULTIVERSION
 #endif
 
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+/* The inner loops are short (a row of tiles) and write through several pointers: without the
+ * promise that they do not overlap, GCC keeps them scalar. */
+#define VECTORIZE _Pragma("omp simd")
 
-/* A run of tiles on one tile row of one image: the unit every transform stages. */
+static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+/* A row of tiles has tiles_w + 1 slots: the last, a dummy, lets each transform run as one long
+ * loop over the whole block (slot q reads staged columns 2q .. 2q + 3 of a flat array whose rows
+ * are 2 * (tiles_w + 1) wide) instead of many short loops over one tile row each. The products
+ * compute the dummy too (1 / (tiles_w + 1) extra work); the output transform never writes it, and
+ * the gradient transform makes it zero, so it adds nothing to the weight gradient (for finite
+ * inputs: an inf or NaN spreads over its tiles, as in every Winograd transform). */
+static int64_t row_span(const WinogradGeometry *g) { return 2 * (g->tiles_w + 1); }
+
+int64_t winograd_slots(const WinogradGeometry *g, int64_t rows) { return rows * (g->tiles_w + 1); }
+
+int64_t winograd_stage_size(const WinogradGeometry *g, int64_t rows) {
+    return 4 * (rows * row_span(g) + 4);
+}
+
+/* Image and tile row of a row of tiles, walked in order (no division per row). */
 typedef struct {
-    int64_t image, tile_row, first_column, tiles, offset; /* offset: of the run in the block */
-} TileRun;
+    int64_t image, tile_row;
+} RowCursor;
 
-static TileRun next_run(const WinogradGeometry *g, int64_t tile, int64_t end, int64_t first) {
-    TileRun r;
-    int64_t per_image = g->tiles_h * g->tiles_w, within = tile % per_image;
-    r.image = tile / per_image;
-    r.tile_row = within / g->tiles_w;
-    r.first_column = within % g->tiles_w;
-    r.tiles = min64(g->tiles_w - r.first_column, end - tile);
-    r.offset = tile - first;
+static RowCursor cursor_at(const WinogradGeometry *g, int64_t row) {
+    RowCursor r = {row / g->tiles_h, row % g->tiles_h};
     return r;
 }
 
-int64_t winograd_stage_size(const WinogradGeometry *g) {
-    /* four rows of the widest run (2 * tiles_w + 2 columns), rounded for alignment */
-    return 4 * ((2 * g->tiles_w + 2 + 15) / 16 * 16);
+static void advance(const WinogradGeometry *g, RowCursor *r) {
+    if (++r->tile_row == g->tiles_h) {
+        r->tile_row = 0;
+        r->image++;
+    }
 }
 
-static int64_t stage_stride(const WinogradGeometry *g) { return winograd_stage_size(g) / 4; }
-
 FASTCONV_MULTIVERSION
-void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first,
-                              int64_t count, float *v, int64_t ld, float *stage) {
-    const int64_t span = stage_stride(g), point_stride = g->channels * ld;
-    for (int64_t tile = first; tile < first + count;) {
-        TileRun r = next_run(g, tile, first + count, first);
-        int64_t col0 = 2 * r.first_column - g->pad_w, width = 2 * r.tiles + 2;
-        int64_t lo = min64(max64(0, -col0), width);
-        int64_t hi = max64(lo, min64(width, g->width - col0));
-        for (int64_t c = 0; c < g->channels; c++) {
-            const float *plane = x + (r.image * g->channels + c) * g->height * g->width;
-            float *row[4];
+void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first_row,
+                              int64_t rows, float *v, int64_t ld, float *stage) {
+    const int64_t span = row_span(g), slots = winograd_slots(g, rows);
+    const int64_t point_stride = g->channels * ld, plane_size = g->height * g->width;
+    /* staged input column j is image column j - pad_w: inside the image for j in [lo, hi) */
+    const int64_t lo = clamp64(g->pad_w, 0, span), hi = clamp64(g->width + g->pad_w, lo, span);
+    float *vertical[4];
+    for (int i = 0; i < 4; i++) {
+        vertical[i] = stage + i * (rows * span + 4);
+        for (int j = 0; j < 4; j++) vertical[i][rows * span + j] = 0; /* the dummy's overread */
+    }
+    static const float zeros[1] = {0}; /* stands for a row above or below the image */
+    for (int64_t c = 0; c < g->channels; c++) {
+        RowCursor r = cursor_at(g, first_row);
+        for (int64_t lr = 0; lr < rows; lr++, advance(g, &r)) {
+            const float *plane = x + (r.image * g->channels + c) * plane_size;
+            const float *d[4]; /* d[i][j]: row i of the patches, staged column j */
+            int64_t step[4];
             for (int i = 0; i < 4; i++) {
                 int64_t y = 2 * r.tile_row - g->pad_h + i;
-                row[i] = stage + i * span;
-                if (y < 0 || y >= g->height) {
-                    memset(row[i], 0, width * sizeof(float));
-                    continue;
-                }
-                memset(row[i], 0, lo * sizeof(float));
-                memcpy(row[i] + lo, plane + y * g->width + col0 + lo, (hi - lo) * sizeof(float));
-                memset(row[i] + hi, 0, (width - hi) * sizeof(float));
+                int inside = y >= 0 && y < g->height;
+                d[i] = inside ? plane + y * g->width - g->pad_w : zeros;
+                step[i] = inside;
             }
-            /* B^T d: combine the four rows, column by column */
-            for (int64_t j = 0; j < width; j++) {
-                float d0 = row[0][j], d1 = row[1][j], d2 = row[2][j], d3 = row[3][j];
-                row[0][j] = d0 - d2;
-                row[1][j] = d1 + d2;
-                row[2][j] = d2 - d1;
-                row[3][j] = d1 - d3;
-            }
-            /* (B^T d) B: each tile's four columns 2m .. 2m+3 */
-            float *out = v + c * ld + r.offset;
-            for (int i = 0; i < 4; i++) {
-                const float *s = row[i];
-                float *p0 = out + (4 * i) * point_stride, *p1 = p0 + point_stride;
-                float *p2 = p1 + point_stride, *p3 = p2 + point_stride;
-                for (int64_t m = 0; m < r.tiles; m++) {
-                    float a = s[2 * m], b = s[2 * m + 1], e = s[2 * m + 2], f = s[2 * m + 3];
-                    p0[m] = a - e;
-                    p1[m] = b + e;
-                    p2[m] = e - b;
-                    p3[m] = b - f;
+            float *v0 = vertical[0] + lr * span, *v1 = vertical[1] + lr * span;
+            float *v2 = vertical[2] + lr * span, *v3 = vertical[3] + lr * span;
+            for (int64_t j = 0; j < lo; j++) v0[j] = v1[j] = v2[j] = v3[j] = 0;
+            /* B^T d, column by column, straight from the image (zero rows read one zero) */
+            const float *d0 = d[0], *d1 = d[1], *d2 = d[2], *d3 = d[3];
+            const int64_t s0 = step[0], s1 = step[1], s2 = step[2], s3 = step[3];
+            if (s0 & s1 & s2 & s3) {
+                VECTORIZE
+                for (int64_t j = lo; j < hi; j++) {
+                    v0[j] = d0[j] - d2[j];
+                    v1[j] = d1[j] + d2[j];
+                    v2[j] = d2[j] - d1[j];
+                    v3[j] = d1[j] - d3[j];
                 }
+            } else {
+                for (int64_t j = lo; j < hi; j++) {
+                    float e0 = d0[j * s0], e1 = d1[j * s1], e2 = d2[j * s2], e3 = d3[j * s3];
+                    v0[j] = e0 - e2;
+                    v1[j] = e1 + e2;
+                    v2[j] = e2 - e1;
+                    v3[j] = e1 - e3;
+                }
+            }
+            for (int64_t j = hi; j < span; j++) v0[j] = v1[j] = v2[j] = v3[j] = 0;
+        }
+        float *out = v + c * ld;
+        for (int i = 0; i < 4; i++) { /* (B^T d) B: slot q's columns 2q .. 2q + 3 */
+            const float *s = vertical[i];
+            float *p0 = out + (4 * i) * point_stride, *p1 = p0 + point_stride;
+            float *p2 = p1 + point_stride, *p3 = p2 + point_stride;
+            VECTORIZE
+            for (int64_t q = 0; q < slots; q++) {
+                float a = s[2 * q], b = s[2 * q + 1], e = s[2 * q + 2], f = s[2 * q + 3];
+                p0[q] = a - e;
+                p1[q] = b + e;
+                p2[q] = e - b;
+                p3[q] = b - f;
             }
         }
-        tile += r.tiles;
     }
 }
 
 FASTCONV_MULTIVERSION
 void winograd_output_transform(const float *m, int64_t ld, int64_t out_channels,
-                               const WinogradGeometry *g, int64_t first, int64_t count,
+                               const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                const float *bias, float *out, float *stage) {
-    const int64_t span = stage_stride(g), ps = out_channels * ld;
-    for (int64_t tile = first; tile < first + count;) {
-        TileRun r = next_run(g, tile, first + count, first);
-        int64_t y = 2 * r.tile_row, x0 = 2 * r.first_column;
-        int64_t columns = min64(2 * r.tiles, g->out_w - x0);
-        for (int64_t k = 0; k < out_channels; k++) {
-            const float *q = m + k * ld + r.offset;
-            float b = bias ? bias[k] : 0.0f;
-            float *top = stage, *bottom = stage + span;
-            for (int64_t t = 0; t < r.tiles; t++) {
-                float s0[4], s1[4];
-                for (int j = 0; j < 4; j++) { /* A^T m: rows */
-                    float m0 = q[j * ps + t], m1 = q[(4 + j) * ps + t];
-                    float m2 = q[(8 + j) * ps + t], m3 = q[(12 + j) * ps + t];
-                    s0[j] = m0 + m1 + m2;
-                    s1[j] = m1 - m2 - m3;
-                }
-                top[2 * t] = s0[0] + s0[1] + s0[2] + b;
-                top[2 * t + 1] = s0[1] - s0[2] - s0[3] + b;
-                bottom[2 * t] = s1[0] + s1[1] + s1[2] + b;
-                bottom[2 * t + 1] = s1[1] - s1[2] - s1[3] + b;
+    const int64_t span = row_span(g), slots = winograd_slots(g, rows), ps = out_channels * ld;
+    float *top = stage, *bottom = stage + rows * span;
+    for (int64_t k = 0; k < out_channels; k++) {
+        const float *q = m + k * ld;
+        const float b = bias ? bias[k] : 0.0f;
+        VECTORIZE
+        for (int64_t t = 0; t < slots; t++) {
+            float s0[4], s1[4];
+            for (int j = 0; j < 4; j++) { /* A^T m: rows */
+                float m0 = q[j * ps + t], m1 = q[(4 + j) * ps + t];
+                float m2 = q[(8 + j) * ps + t], m3 = q[(12 + j) * ps + t];
+                s0[j] = m0 + m1 + m2;
+                s1[j] = m1 - m2 - m3;
             }
-            float *dst = out + ((r.image * out_channels + k) * g->out_h + y) * g->out_w + x0;
-            memcpy(dst, top, columns * sizeof(float));
-            if (y + 1 < g->out_h) memcpy(dst + g->out_w, bottom, columns * sizeof(float));
+            top[2 * t] = s0[0] + s0[1] + s0[2] + b; /* (A^T m) A: columns */
+            top[2 * t + 1] = s0[1] - s0[2] - s0[3] + b;
+            bottom[2 * t] = s1[0] + s1[1] + s1[2] + b;
+            bottom[2 * t + 1] = s1[1] - s1[2] - s1[3] + b;
         }
-        tile += r.tiles;
+        RowCursor r = cursor_at(g, first_row);
+        for (int64_t lr = 0; lr < rows; lr++, advance(g, &r)) {
+            int64_t y = 2 * r.tile_row;
+            float *dst = out + ((r.image * out_channels + k) * g->out_h + y) * g->out_w;
+            const float *upper = top + lr * span, *lower = bottom + lr * span;
+            VECTORIZE
+            for (int64_t j = 0; j < g->out_w; j++) dst[j] = upper[j];
+            if (y + 1 < g->out_h)
+                VECTORIZE
+                for (int64_t j = 0; j < g->out_w; j++) dst[g->out_w + j] = lower[j];
+        }
     }
 }
 
 FASTCONV_MULTIVERSION
 void winograd_grad_transform(const float *grad, int64_t out_channels, const WinogradGeometry *g,
-                             int64_t first, int64_t count, float *m, int64_t ld, float *stage) {
-    const int64_t span = stage_stride(g), ps = out_channels * ld;
-    for (int64_t tile = first; tile < first + count;) {
-        TileRun r = next_run(g, tile, first + count, first);
-        int64_t y = 2 * r.tile_row, x0 = 2 * r.first_column;
-        int64_t columns = min64(2 * r.tiles, g->out_w - x0);
-        for (int64_t k = 0; k < out_channels; k++) {
-            const float *src = grad + ((r.image * out_channels + k) * g->out_h + y) * g->out_w + x0;
-            float *top = stage, *bottom = stage + span;
-            /* the tile's 2x2 gradient, zero past the output's edge */
-            memcpy(top, src, columns * sizeof(float));
-            memset(top + columns, 0, (2 * r.tiles - columns) * sizeof(float));
+                             int64_t first_row, int64_t rows, float *m, int64_t ld,
+                             float *stage) {
+    const int64_t span = row_span(g), slots = winograd_slots(g, rows), ps = out_channels * ld;
+    float *top = stage, *bottom = stage + rows * span;
+    for (int64_t k = 0; k < out_channels; k++) {
+        RowCursor r = cursor_at(g, first_row); /* the gradient, zero past the output's edge */
+        for (int64_t lr = 0; lr < rows; lr++, advance(g, &r)) {
+            int64_t y = 2 * r.tile_row;
+            const float *src = grad + ((r.image * out_channels + k) * g->out_h + y) * g->out_w;
+            float *upper = top + lr * span, *lower = bottom + lr * span;
+            VECTORIZE
+            for (int64_t j = 0; j < g->out_w; j++) upper[j] = src[j];
+            VECTORIZE
+            for (int64_t j = g->out_w; j < span; j++) upper[j] = 0;
             if (y + 1 < g->out_h) {
-                memcpy(bottom, src + g->out_w, columns * sizeof(float));
-                memset(bottom + columns, 0, (2 * r.tiles - columns) * sizeof(float));
+                VECTORIZE
+                for (int64_t j = 0; j < g->out_w; j++) lower[j] = src[g->out_w + j];
+                VECTORIZE
+                for (int64_t j = g->out_w; j < span; j++) lower[j] = 0;
             } else {
-                memset(bottom, 0, 2 * r.tiles * sizeof(float));
-            }
-            float *q = m + k * ld + r.offset;
-            for (int64_t t = 0; t < r.tiles; t++) {
-                float g00 = top[2 * t], g01 = top[2 * t + 1];
-                float g10 = bottom[2 * t], g11 = bottom[2 * t + 1];
-                /* dY A^T per row, then A (.) down the columns */
-                float a[4] = {g00, g00 + g01, g00 - g01, -g01};
-                float c[4] = {g10, g10 + g11, g10 - g11, -g11};
-                for (int j = 0; j < 4; j++) {
-                    q[j * ps + t] = a[j];
-                    q[(4 + j) * ps + t] = a[j] + c[j];
-                    q[(8 + j) * ps + t] = a[j] - c[j];
-                    q[(12 + j) * ps + t] = -c[j];
-                }
+                VECTORIZE
+                for (int64_t j = 0; j < span; j++) lower[j] = 0;
             }
         }
-        tile += r.tiles;
+        float *q = m + k * ld;
+        VECTORIZE
+        for (int64_t t = 0; t < slots; t++) {
+            float g00 = top[2 * t], g01 = top[2 * t + 1];
+            float g10 = bottom[2 * t], g11 = bottom[2 * t + 1];
+            /* dY A^T per row, then A (.) down the columns */
+            float a[4] = {g00, g00 + g01, g00 - g01, -g01};
+            float c[4] = {g10, g10 + g11, g10 - g11, -g11};
+            for (int j = 0; j < 4; j++) {
+                q[j * ps + t] = a[j];
+                q[(4 + j) * ps + t] = a[j] + c[j];
+                q[(8 + j) * ps + t] = a[j] - c[j];
+                q[(12 + j) * ps + t] = -c[j];
+            }
+        }
     }
 }
 

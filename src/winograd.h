@@ -1,13 +1,14 @@
 /* Winograd F(2x2, 3x3) transforms for 3x3, stride-1 convolution (Lavin & Gray, 2015).
  *
- * A tile is 2x2 outputs computed from a 4x4 input patch. Tiles are numbered across the whole
- * batch (image, tile row, tile column), and every function works on a block of `count`
- * consecutive tiles starting at `first`, so a thread transforms, multiplies and writes back one
- * cache-sized block at a time.
+ * A tile is 2x2 outputs computed from a 4x4 input patch. Rows of tiles are numbered across the
+ * whole batch (image * tiles_h + tile row), and every function works on a block of `rows`
+ * consecutive rows starting at `first_row`, so a thread transforms, multiplies and writes back
+ * one cache-sized block at a time. A block has winograd_slots(g, rows) tile slots: tiles_w + 1
+ * per row, the last a dummy (see winograd.c).
  *
  * The 16 points of a transformed tile are the rows of the batched product: the input transform
- * writes v[point][channel][tile], the output transform reads m[point][out channel][tile], both
- * with a leading dimension `ld` >= count between rows.
+ * writes v[point][channel][slot], the output transform reads m[point][out channel][slot], both
+ * with a leading dimension `ld` >= slots between rows.
  */
 #ifndef FASTCONV_WINOGRAD_H
 #define FASTCONV_WINOGRAD_H
@@ -21,22 +22,24 @@ typedef struct {
     int64_t tiles_h, tiles_w;          /* ceil(out / 2) */
 } WinogradGeometry;
 
-/* Floats of per-thread scratch the transforms need besides v and m. */
-int64_t winograd_stage_size(const WinogradGeometry *g);
+/* Tile slots of a block of `rows` rows, and the floats of scratch its transforms need. */
+int64_t winograd_slots(const WinogradGeometry *g, int64_t rows);
+int64_t winograd_stage_size(const WinogradGeometry *g, int64_t rows);
 
-/* v[p][c][t] = (B^T d B)[p] for the input patch d of tile first + t, channel c. */
-void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first,
-                              int64_t count, float *v, int64_t ld, float *stage);
+/* v[p][c][t] = (B^T d B)[p] for the input patch d of the block's slot t, channel c. */
+void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first_row,
+                              int64_t rows, float *v, int64_t ld, float *stage);
 
 /* out[n][k] tiles = A^T m A (+ bias[k]), clipped to the output's edge. */
 void winograd_output_transform(const float *m, int64_t ld, int64_t out_channels,
-                               const WinogradGeometry *g, int64_t first, int64_t count,
+                               const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                const float *bias, float *out, float *stage);
 
 /* The adjoint of the output transform: m[p][k][t] = (A dY A^T)[p] for the output gradient dY of
- * tile first + t (zero past the output's edge). */
+ * slot t (zero past the output's edge). */
 void winograd_grad_transform(const float *grad, int64_t out_channels, const WinogradGeometry *g,
-                             int64_t first, int64_t count, float *m, int64_t ld, float *stage);
+                             int64_t first_row, int64_t rows, float *m, int64_t ld,
+                             float *stage);
 
 /* Which compiled variant of the transforms this CPU runs. */
 const char *winograd_isa(void);
