@@ -82,9 +82,12 @@ def get_conv_algorithm() -> str:
     return _conv_algorithm
 
 
-# Measured (benchmarks/test_benchmarks.py, 2 threads): Winograd pays once both channel counts
-# reach this; below it the transforms cost more than the products they save.
+# Measured here, 2 threads: Winograd pays once both channel counts reach WINOGRAD_MIN_CHANNELS
+# (below, the transforms cost more than the products they save). Past WINOGRAD_MAX_CHANNELS its
+# float32 rounding grows past twice torch's on the long reductions (against float64: 1.0x torch's
+# at 64 channels, 2.7x at 256), so auto keeps those on the direct path.
 WINOGRAD_MIN_CHANNELS = 16
+WINOGRAD_MAX_CHANNELS = 128
 
 
 def conv2d_algorithm(geometry, out_channels: int, groups: int, dtype) -> str:
@@ -99,7 +102,16 @@ def conv2d_algorithm(geometry, out_channels: int, groups: int, dtype) -> str:
         return "direct"
     if _conv_algorithm == "winograd":
         return "winograd"
-    return "winograd" if min(g.c_in, out_channels) >= WINOGRAD_MIN_CHANNELS else "direct"
+    channels = (g.c_in, out_channels)
+    pays = min(channels) >= WINOGRAD_MIN_CHANNELS and max(channels) <= WINOGRAD_MAX_CHANNELS
+    return "winograd" if pays else "direct"
+
+
+def _all_finite(*arrays) -> bool:
+    """Winograd's transforms subtract inputs from each other, so an inf becomes inf - inf = NaN
+    where the direct sum keeps torch's inf: such inputs take the direct path. One summing pass
+    (a sum that overflows also sends them there, which is safe)."""
+    return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays)
 
 
 # G of F(2x2, 3x3): a 3x3 filter w becomes the 4x4 tile G w G^T.
@@ -189,7 +201,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     flat_out = out.reshape(g.n, c_out, positions)
     weight_by_group = w.reshape(groups, c_out // groups, rows // groups)
     threads = get_num_threads()
-    if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd":
+    if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd" and _all_finite(a.x, w):
         args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
         _winograd_conv2d(a.x, _winograd_weight(w), bias, out, args, threads)
         return _finish(out, a.unbatched)
@@ -257,7 +269,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     grad_input = np.empty_like(a.x) if want_input else None
     weight_by_group = w.reshape(groups, c_out // groups, rows // groups)
     threads = get_num_threads()
-    if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd":
+    if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd" and _all_finite(grad, a.x, w):
         grad_weight = _winograd_conv2d_backward(
             grad.reshape(g.n, c_out, g.out_h, g.out_w), a.x, w, g, grad_input, want_weight, threads
         )
