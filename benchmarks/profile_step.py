@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
     fc.set_num_threads(args.threads)
-    step = bench._lenet_case(args.batch, "train step").make("fastconv")
+    step = bench._model_case("LeNet", args.batch, "train step").make("fastconv")
     spent = {}
 
     def timed(cls, name):

@@ -1,8 +1,10 @@
 """Benchmark cases, shared by `pytest benchmarks/` and `fastconv bench`.
 
-Every case builds, for one backend ("fastconv", "reference" or "torch"), a zero-argument callable
-that runs the operation once on prepared inputs: the timing loop only ever calls that. Speeds
-are reported against the sgemm ceiling that NumPy's BLAS reaches on this machine, measured here.
+Every case builds, for one backend ("fastconv", "reference", "torch" or "onnxruntime"), a
+zero-argument callable that runs the operation once on prepared inputs: the timing loop only
+ever calls that. Speeds are reported against the sgemm ceiling that NumPy's BLAS reaches on this
+machine, measured here. onnxruntime runs the whole-model inference cases only, from the ONNX
+file fastconv.onnx.save writes of the same model.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from typing import Callable
 
 import numpy as np
 
+from . import _args, reference
 from . import functional as F
-from . import reference
+from .threads import get_num_threads, set_num_threads
 
-BACKENDS = ("fastconv", "reference", "torch")
+BACKENDS = ("fastconv", "reference", "torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Case:
     shape: str  # shown in tables
     flops: float  # floating-point operations per call (0: not a FLOP-bound operation)
     make: Callable[[str], Callable[[], object] | None]  # backend -> runner, None if unsupported
+    algorithm: Callable[[], str] | None = None  # the convolution algorithm(s) fastconv runs
 
 
 def _rng():
@@ -38,6 +42,19 @@ def _torch():
     except ImportError:
         return None
     return torch
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _conv_algorithm(x, w, stride, padding) -> str:
+    geometry = _args.conv_args(x, w, stride, padding, 1, 1).geometry
+    return F.conv2d_algorithm(geometry, w.shape[0], 1, w.dtype)
 
 
 # --- convolution -------------------------------------------------------------------------------
@@ -64,6 +81,8 @@ def _conv_case(layer, part):
     grad = rng.standard_normal((n, c_out, out, out), dtype=np.float32)
 
     def make(backend):
+        if backend == "onnxruntime":  # runs whole models only
+            return None
         if backend in ("fastconv", "reference"):
             f = F if backend == "fastconv" else reference
             forward = lambda: f.conv2d(x, w, b, stride, pad)  # noqa: E731
@@ -90,7 +109,7 @@ def _conv_case(layer, part):
         return lambda: (forward(), backward())
 
     flops = {"forward": forward_flops, "backward": 2 * forward_flops}.get(part, 3 * forward_flops)
-    return Case(f"conv {part}", shape, flops, make)
+    return Case(f"conv {part}", shape, flops, make, lambda: _conv_algorithm(x, w, stride, pad))
 
 
 # --- pooling, unfold/fold ----------------------------------------------------------------------
@@ -101,6 +120,8 @@ def _pool_case(kind, part):
     _, indices = F.max_pool2d(x, 2, return_indices=True)
 
     def make(backend):
+        if backend == "onnxruntime":  # runs whole models only
+            return None
         if backend in ("fastconv", "reference"):
             f = F if backend == "fastconv" else reference
             if kind == "max":
@@ -142,6 +163,8 @@ def _unfold_case(kind):
             if kind == "unfold":
                 return lambda: torch.nn.functional.unfold(tx, 3, padding=1)
             return lambda: torch.nn.functional.fold(tc, (14, 14), 3, padding=1)
+        if backend == "onnxruntime":
+            return None
         f = F if backend == "fastconv" else reference
         if kind == "unfold":
             return lambda: f.unfold(x, 3, padding=1)
@@ -179,25 +202,91 @@ def torch_lenet(torch):
     )
 
 
-def _lenet_case(batch, part):
+def fastconv_lenet5(seed: int = 0):
+    """LeNet-5 as benchmarks/onnx_parity.py trains it in torch: 5x5 convs, 6 and 16 channels."""
+    from . import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2, rng=seed), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, rng=seed + 1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120, rng=seed + 2), nn.ReLU(),
+        nn.Linear(120, 84, rng=seed + 3), nn.ReLU(), nn.Linear(84, 10, rng=seed + 4),
+    )
+
+
+def torch_lenet5(torch):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, 10),
+    )
+
+
+MODELS = {"LeNet": (fastconv_lenet, torch_lenet), "LeNet-5": (fastconv_lenet5, torch_lenet5)}
+
+
+def _model_algorithms(model, x) -> str:
+    """The algorithm of each Conv2d, in order, on the shapes x gives them (e.g. direct+winograd)."""
+    from . import nn
+
+    found = []
+    with nn.no_grad():
+        for layer in model.layers:
+            if isinstance(layer, nn.Conv2d):
+                found.append(_conv_algorithm(x, layer.weight.data, layer.stride, layer.padding))
+            x = layer(x)
+    return "+".join(found)
+
+
+def _onnxruntime_session(model):
+    """An onnxruntime session of fastconv's own ONNX export of `model`, on fastconv's threads."""
+    onnxruntime = _onnxruntime()
+    if onnxruntime is None:
+        return None
+    import io
+
+    from . import onnx as fc_onnx
+
+    buffer = io.BytesIO()
+    fc_onnx.save(model, buffer, input_shape=(1, 28, 28))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(
+        buffer.getvalue(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _model_case(name, batch, part):
     rng = _rng()
     x = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
     y = rng.integers(0, 10, batch)
+    build_fastconv, build_torch = MODELS[name]
 
     def make(backend):
         if backend == "reference":
             return None
-        if backend == "fastconv":
+        if backend in ("fastconv", "onnxruntime"):
             from . import nn, optim
 
-            model = fastconv_lenet()
+            model = build_fastconv()
             if part == "inference":
                 model.eval()
+                if backend == "onnxruntime":
+                    session = _onnxruntime_session(model)
+                    if session is None:
+                        return None
+                    feed = {session.get_inputs()[0].name: x}
+                    return lambda: session.run(None, feed)
 
                 def infer():
                     with nn.no_grad():
                         return model(x)
                 return infer
+            if backend == "onnxruntime":
+                return None
             criterion = nn.CrossEntropyLoss()
             optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -210,7 +299,7 @@ def _lenet_case(batch, part):
         torch = _torch()
         if torch is None:
             return None
-        model = torch_lenet(torch)
+        model = build_torch(torch)
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
         if part == "inference":
             model.eval()
@@ -229,8 +318,11 @@ def _lenet_case(batch, part):
             optimizer.step()
         return torch_step
 
-    flops = lenet_flops(batch) if part == "train step" else lenet_flops(batch) / 3
-    return Case(f"LeNet {part}", f"batch {batch}", flops, make)
+    flops = 0.0
+    if name == "LeNet":
+        flops = lenet_flops(batch) if part == "train step" else lenet_flops(batch) / 3
+    return Case(f"{name} {part}", f"batch {batch}", flops, make,
+                lambda: _model_algorithms(build_fastconv(), x[:1]))
 
 
 def cases() -> list[Case]:
@@ -241,8 +333,9 @@ def cases() -> list[Case]:
     for kind in ("max", "avg"):
         found += [_pool_case(kind, part) for part in ("forward", "backward", "forward+backward")]
     found += [_unfold_case("unfold"), _unfold_case("fold")]
-    found += [_lenet_case(64, "train step"), _lenet_case(256, "train step"),
-              _lenet_case(256, "inference")]
+    found += [_model_case("LeNet", 64, "train step"), _model_case("LeNet", 256, "train step"),
+              _model_case("LeNet", 64, "inference"), _model_case("LeNet", 256, "inference"),
+              _model_case("LeNet-5", 256, "inference")]
     return found
 
 
@@ -275,7 +368,7 @@ def sgemm_ceiling(budget: float = 0.5) -> float:
 
 def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, selected=None):
     """Time every case on every backend; returns (rows, sgemm ceiling GFLOP/s)."""
-    from .threads import get_num_threads, set_num_threads
+
 
     torch = _torch() if "torch" in backends else None
     if threads is not None:
@@ -290,13 +383,17 @@ def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, sele
     for case in cases():
         if selected and not any(s in case.operation for s in selected):
             continue
-        row = {"operation": case.operation, "shape": case.shape}
+        row = {"operation": case.operation, "shape": case.shape,
+               "algorithm": case.algorithm() if case.algorithm else None}
+        # One engine at a time, onnxruntime last: its pool spins after each run and would slow
+        # whatever ran next.
         for backend in backends:
             runner = case.make(backend)
             row[f"{backend}_ms"] = None if runner is None else time_call(runner, budget) * 1e3
-        ours, ref, other = (row.get(f"{b}_ms") for b in BACKENDS)
+        ours, ref, other, ort = (row.get(f"{b}_ms") for b in BACKENDS)
         row["speedup_vs_reference"] = ref / ours if ref and ours else None
         row["speedup_vs_torch"] = other / ours if other and ours else None
+        row["speedup_vs_onnxruntime"] = ort / ours if ort and ours else None
         row["gflops"] = case.flops / (ours * 1e6) if case.flops and ours else None
         row["ceiling_share"] = row["gflops"] / ceiling if row["gflops"] else None
         rows.append(row)
@@ -307,20 +404,23 @@ def format_table(rows, ceiling: float) -> str:
     def cell(value, fmt):
         return "—" if value is None else format(value, fmt)
 
-    header = ("operation", "shape", "fastconv ms", "reference ms", "torch ms", "vs ref",
-              "vs torch", "GFLOP/s", "of sgemm")
+    header = ("operation", "shape", "algorithm", "fastconv ms", "reference ms", "torch ms",
+              "onnxruntime ms", "vs ref", "vs torch", "vs ort", "GFLOP/s", "of sgemm")
     lines = [header]
     for r in rows:
         lines.append((
-            r["operation"], r["shape"], cell(r["fastconv_ms"], ".3f"),
-            cell(r.get("reference_ms"), ".3f"), cell(r.get("torch_ms"), ".3f"),
+            r["operation"], r["shape"], r.get("algorithm") or "",
+            cell(r["fastconv_ms"], ".3f"), cell(r.get("reference_ms"), ".3f"),
+            cell(r.get("torch_ms"), ".3f"), cell(r.get("onnxruntime_ms"), ".3f"),
             cell(r["speedup_vs_reference"], ".1f") + ("x" if r["speedup_vs_reference"] else ""),
             cell(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
+            cell(r.get("speedup_vs_onnxruntime"), ".2f")
+            + ("x" if r.get("speedup_vs_onnxruntime") else ""),
             cell(r["gflops"], ".0f"), cell(r["ceiling_share"] and 100 * r["ceiling_share"], ".0f")
             + ("%" if r["ceiling_share"] else ""),
         ))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    text = ["  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)
+    text = ["  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)
                       for i, (v, w) in enumerate(zip(line, widths))) for line in lines]
     text.insert(1, "-" * len(text[0]))
     text.append(f"sgemm ceiling (NumPy float32 matmul 64x288 @ 288x12544): {ceiling:.0f} GFLOP/s")
