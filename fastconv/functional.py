@@ -151,16 +151,19 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def _winograd_conv2d(x, u, bias, out, args, threads):
-    """out = conv2d(x) given u = _winograd_weight(weight); args: (pad_top, pad_left, out_h, out_w)."""
+def _winograd_conv2d(x, u, bias, out, args, threads, indices=None, pool=0):
+    """out = conv2d(x) given u = _winograd_weight(weight); args: (pad_top, pad_left, out_h, out_w).
+
+    pool 1 or 2: out = max_pool2d(conv2d(x), 2) instead (2: with its indices)."""
     c_in, c_out = x.shape[1], u.shape[1]
     block = _winograd_block(x.shape[0], args, c_in, c_out, threads)
     size = _conv.winograd_workspace_size(c_in, c_out, args, block)
     (workspace,) = _workspace(np.float32, (threads, size))
     has_bias = bias is not None
     _conv.winograd_conv2d_forward(
-        x, u, bias if has_bias else np.zeros(1, np.float32), out, workspace, args, block,
-        has_bias, threads,
+        x, u, bias if has_bias else np.zeros(1, np.float32), out,
+        indices if indices is not None else np.empty((1, 1, 1, 1), np.int64), workspace, args,
+        block, has_bias, pool, threads,
     )
 
 
@@ -240,6 +243,18 @@ def _conv2d_max_pool2d(input, weight, bias, stride, padding, dilation, groups, p
             (p.h, p.w, p.out_h, p.out_w), p.pool_args):
         return None
     threads = get_num_threads()
+    if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd" and _all_finite(a.x, w):
+        # A Winograd tile is exactly one 2x2 / 2 window: pool it as it leaves the transform.
+        # Any other pooling runs after Winograd's convolution, which beats the fused direct one.
+        window = (p.kh, p.kw, p.stride, p.pad_top, p.pad_left, p.dilation)
+        if window != (2, 2, (2, 2), 0, 0, (1, 1)) or (p.out_h, p.out_w) != (g.out_h // 2, g.out_w // 2):
+            return None
+        out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
+        indices = np.empty(out.shape, dtype=np.int64) if with_indices else None
+        args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
+        _winograd_conv2d(a.x, _winograd_weight(w), bias, out, args, threads, indices,
+                         2 if with_indices else 1)
+        return out, indices, conv_shape
     out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
     indices = np.empty(out.shape if with_indices else (1, 1, 1, 1), dtype=np.int64)
     workspace, scratch = _workspace(w.dtype, (threads, rows, positions), (threads, c_out, positions))

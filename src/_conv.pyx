@@ -314,9 +314,30 @@ cdef extern from "winograd.h":
     void winograd_grad_transform(const float *grad, int64_t out_channels,
                                  const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                  float *m, int64_t ld, float *stage) noexcept nogil
+    int64_t winograd_padded(int64_t slots) noexcept nogil
+    void winograd_products(const float *u, const float *v, float *m, int64_t out_channels,
+                           int64_t channels, int64_t columns, int64_t ld) noexcept nogil
+    void winograd_output_max_pool(const float *m, int64_t ld, int64_t out_channels,
+                                  const WinogradGeometry *g, int64_t first_row, int64_t rows,
+                                  const float *bias, float *pooled, int64_t *indices,
+                                  float *stage) noexcept nogil
     const char *winograd_isa()
 
 winograd_kernels = winograd_isa().decode()
+# The forward products run on winograd.c's micro-kernel where the CPU has vector units for it
+# (AVX2 or AVX-512 clones), else on BLAS, the portable path. The weight gradient's products
+# (long reductions, small outputs) stay on BLAS: measured faster than the micro-kernel there.
+cdef bint _winograd_microkernels = not winograd_kernels.startswith("x86-64 (SSE2)")
+
+
+def use_winograd_microkernels(bint enabled):
+    """Run Winograd's forward products on the micro-kernel (True) or on BLAS (False)."""
+    global _winograd_microkernels
+    _winograd_microkernels = enabled
+
+
+def winograd_products_backend():
+    return "micro-kernel" if _winograd_microkernels else "BLAS"
 
 
 cdef WinogradGeometry _winograd_geometry(Py_ssize_t channels, Py_ssize_t height, Py_ssize_t width,
@@ -338,17 +359,18 @@ def winograd_workspace_size(Py_ssize_t channels, Py_ssize_t out_channels, tuple 
 
 cdef Py_ssize_t _leading_dimension(const WinogradGeometry *g, Py_ssize_t rows) noexcept nogil:
     """A block's slots rounded to whole cache lines, so every product row starts aligned."""
-    return (winograd_slots(g, rows) + 15) // 16 * 16
+    return winograd_padded(winograd_slots(g, rows))
 
 
 def winograd_conv2d_forward(const float[:, :, :, ::1] x, const float[:, :, ::1] u,
                             const float[::1] bias, float[:, :, :, ::1] out,
-                            float[:, ::1] workspace, tuple args, Py_ssize_t rows,
-                            bint has_bias, int num_threads):
+                            int64_t[:, :, :, ::1] indices, float[:, ::1] workspace, tuple args,
+                            Py_ssize_t rows, bint has_bias, int pool, int num_threads):
     """out = conv2d(x, w) + bias from u, w's transform (16, C_out, C_in); args as the geometry's.
 
-    Blocks of `rows` rows of tiles: transform the inputs (v: 16 x C_in x slots), 16 products with
-    u, transform back. workspace: (threads, winograd_workspace_size(...)).
+    pool 1: out = max_pool2d(conv2d(...), 2) instead, 2: also its indices (into the convolution's
+    output planes). Blocks of `rows` rows of tiles: transform the inputs (v: 16 x C_in x slots),
+    16 products with u, transform back. workspace: (threads, winograd_workspace_size(...)).
     """
     cdef WinogradGeometry g = _winograd_geometry(x.shape[1], x.shape[2], x.shape[3], args)
     cdef Py_ssize_t c_in = x.shape[1], c_out = u.shape[1], ld = _leading_dimension(&g, rows)
@@ -370,10 +392,20 @@ def winograd_conv2d_forward(const float[:, :, :, ::1] x, const float[:, :, ::1] 
             slots = winograd_slots(&g, count)
             winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, ld, stage)
             for p in range(16):
-                _gemm(False, False, c_out, slots, c_in, &u[p, 0, 0], c_in,
-                      v + p * c_in * ld, ld, 0, m + p * c_out * ld, ld)
-            winograd_output_transform(m, ld, c_out, &g, first, count,
-                                      &bias[0] if has_bias else NULL, &out[0, 0, 0, 0], stage)
+                if _winograd_microkernels:
+                    winograd_products(&u[p, 0, 0], v + p * c_in * ld, m + p * c_out * ld, c_out,
+                                      c_in, winograd_padded(slots), ld)
+                else:
+                    _gemm(False, False, c_out, slots, c_in, &u[p, 0, 0], c_in,
+                          v + p * c_in * ld, ld, 0, m + p * c_out * ld, ld)
+            if pool:
+                winograd_output_max_pool(m, ld, c_out, &g, first, count,
+                                         &bias[0] if has_bias else NULL, &out[0, 0, 0, 0],
+                                         &indices[0, 0, 0, 0] if pool == 2 else NULL, stage)
+            else:
+                winograd_output_transform(m, ld, c_out, &g, first, count,
+                                          &bias[0] if has_bias else NULL, &out[0, 0, 0, 0],
+                                          stage)
         _restore_blas(num_threads, previous)
 
 

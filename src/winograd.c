@@ -7,6 +7,8 @@
  *
  *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]      A^T = [1 1 1 0; 0 1 -1 -1]
  */
+#include <string.h>
+
 #include "winograd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -19,6 +21,17 @@
 /* The inner loops are short (a row of tiles) and write through several pointers: without the
  * promise that they do not overlap, GCC keeps them scalar. */
 #define VECTORIZE _Pragma("omp simd")
+
+/* Columns [slots, padded) of every row of a product operand, so the products can run whole
+ * vectors past the block's last slot (zeros, never uninitialised memory: a NaN there would
+ * reach the weight gradient through 0 * NaN). */
+int64_t winograd_padded(int64_t slots);
+
+static void zero_tail(float *rows, int64_t count, int64_t ld, int64_t slots) {
+    int64_t padded = winograd_padded(slots);
+    for (int64_t r = 0; r < count; r++)
+        for (int64_t j = slots; j < padded; j++) rows[r * ld + j] = 0;
+}
 
 static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
     return v < lo ? lo : (v > hi ? hi : v);
@@ -33,6 +46,8 @@ static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
 static int64_t row_span(const WinogradGeometry *g) { return 2 * (g->tiles_w + 1); }
 
 int64_t winograd_slots(const WinogradGeometry *g, int64_t rows) { return rows * (g->tiles_w + 1); }
+
+int64_t winograd_padded(int64_t slots) { return (slots + 15) / 16 * 16; }
 
 int64_t winograd_stage_size(const WinogradGeometry *g, int64_t rows) {
     return 4 * (rows * row_span(g) + 4);
@@ -120,6 +135,7 @@ void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t
             }
         }
     }
+    zero_tail(v, 16 * g->channels, ld, slots);
 }
 
 FASTCONV_MULTIVERSION
@@ -155,6 +171,62 @@ void winograd_output_transform(const float *m, int64_t ld, int64_t out_channels,
             if (y + 1 < g->out_h)
                 VECTORIZE
                 for (int64_t j = 0; j < g->out_w; j++) dst[g->out_w + j] = lower[j];
+        }
+    }
+}
+
+/* Max pooling 2x2, stride 2, of the output, while it is in registers: a tile is exactly one
+ * pooling window. pooled (N, K, out_h / 2, out_w / 2) gets the window's max (+ bias) and,
+ * unless indices is NULL, torch's index of it in the output plane: the first maximum in scan
+ * order, a NaN winning (the last NaN). */
+FASTCONV_MULTIVERSION
+void winograd_output_max_pool(const float *m, int64_t ld, int64_t out_channels,
+                              const WinogradGeometry *g, int64_t first_row, int64_t rows,
+                              const float *bias, float *pooled, int64_t *indices,
+                              float *stage) {
+    const int64_t span = row_span(g), slots = winograd_slots(g, rows), ps = out_channels * ld;
+    const int64_t pooled_h = g->out_h / 2, pooled_w = g->out_w / 2;
+    float *best = stage;
+    int32_t *where = (int32_t *)(stage + rows * span); /* 0..3: which of the window's four */
+    for (int64_t k = 0; k < out_channels; k++) {
+        const float *q = m + k * ld;
+        const float b = bias ? bias[k] : 0.0f;
+        VECTORIZE
+        for (int64_t t = 0; t < slots; t++) {
+            float s0[4], s1[4];
+            for (int j = 0; j < 4; j++) {
+                float m0 = q[j * ps + t], m1 = q[(4 + j) * ps + t];
+                float m2 = q[(8 + j) * ps + t], m3 = q[(12 + j) * ps + t];
+                s0[j] = m0 + m1 + m2;
+                s1[j] = m1 - m2 - m3;
+            }
+            float y[4] = {s0[0] + s0[1] + s0[2], s0[1] - s0[2] - s0[3], s1[0] + s1[1] + s1[2],
+                          s1[1] - s1[2] - s1[3]};
+            float top = y[0];
+            int32_t at = 0;
+            for (int i = 1; i < 4; i++) {
+                int take = y[i] > top || y[i] != y[i];
+                top = take ? y[i] : top;
+                at = take ? i : at;
+            }
+            best[t] = top + b;
+            where[t] = at;
+        }
+        RowCursor r = cursor_at(g, first_row);
+        for (int64_t lr = 0; lr < rows; lr++, advance(g, &r)) {
+            if (r.tile_row >= pooled_h) continue; /* the odd last output row: no full window */
+            int64_t plane = (r.image * out_channels + k) * pooled_h * pooled_w;
+            float *dst = pooled + plane + r.tile_row * pooled_w;
+            const float *row_best = best + lr * (g->tiles_w + 1);
+            VECTORIZE
+            for (int64_t j = 0; j < pooled_w; j++) dst[j] = row_best[j];
+            if (!indices) continue;
+            int64_t *idx = indices + plane + r.tile_row * pooled_w;
+            const int32_t *row_where = where + lr * (g->tiles_w + 1);
+            for (int64_t j = 0; j < pooled_w; j++) {
+                int64_t a = row_where[j] >> 1, c = row_where[j] & 1;
+                idx[j] = (2 * r.tile_row + a) * g->out_w + 2 * j + c;
+            }
         }
     }
 }
@@ -199,6 +271,67 @@ void winograd_grad_transform(const float *grad, int64_t out_channels, const Wino
                 q[(8 + j) * ps + t] = a[j] - c[j];
                 q[(12 + j) * ps + t] = -c[j];
             }
+        }
+    }
+    zero_tail(m, 16 * out_channels, ld, slots);
+}
+
+/* --- The 16 products: register-blocked micro-kernels ------------------------------------------
+ * GCC vector extensions: one 16-float vector is one AVX-512 register in the x86-64-v4 clone,
+ * two AVX2 registers in the v3 one, four SSE registers in the baseline. Operands come straight
+ * from the transforms' layout (no packing), rows aligned and padded to whole vectors. */
+typedef float vfloat __attribute__((vector_size(64)));
+#define LANES 16
+
+static inline vfloat load(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+/* m[k][0:columns] = sum_c u[k][c] * v[c][0:columns], for 4 rows k of u at a time and 2 vectors
+ * of columns: 8 accumulators, 2 loads and 4 broadcasts per 8 multiply-adds. */
+FASTCONV_MULTIVERSION
+void winograd_products(const float *u, const float *v, float *m, int64_t out_channels,
+                       int64_t channels, int64_t columns, int64_t ld) {
+    int64_t k = 0;
+    for (; k + 4 <= out_channels; k += 4) {
+        const float *u0 = u + k * channels, *u1 = u0 + channels, *u2 = u1 + channels,
+                    *u3 = u2 + channels;
+        int64_t j = 0;
+        for (; j + 2 * LANES <= columns; j += 2 * LANES) {
+            vfloat a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0},
+                   a31 = {0};
+            for (int64_t c = 0; c < channels; c++) {
+                vfloat x0 = load(v + c * ld + j), x1 = load(v + c * ld + j + LANES);
+                a00 += u0[c] * x0, a01 += u0[c] * x1;
+                a10 += u1[c] * x0, a11 += u1[c] * x1;
+                a20 += u2[c] * x0, a21 += u2[c] * x1;
+                a30 += u3[c] * x0, a31 += u3[c] * x1;
+            }
+            store(m + k * ld + j, a00), store(m + k * ld + j + LANES, a01);
+            store(m + (k + 1) * ld + j, a10), store(m + (k + 1) * ld + j + LANES, a11);
+            store(m + (k + 2) * ld + j, a20), store(m + (k + 2) * ld + j + LANES, a21);
+            store(m + (k + 3) * ld + j, a30), store(m + (k + 3) * ld + j + LANES, a31);
+        }
+        for (; j < columns; j += LANES) {
+            vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t c = 0; c < channels; c++) {
+                vfloat x = load(v + c * ld + j);
+                a0 += u0[c] * x, a1 += u1[c] * x, a2 += u2[c] * x, a3 += u3[c] * x;
+            }
+            store(m + k * ld + j, a0), store(m + (k + 1) * ld + j, a1);
+            store(m + (k + 2) * ld + j, a2), store(m + (k + 3) * ld + j, a3);
+        }
+    }
+    for (; k < out_channels; k++) {
+        const float *uk = u + k * channels;
+        for (int64_t j = 0; j < columns; j += LANES) {
+            vfloat a = {0};
+            for (int64_t c = 0; c < channels; c++) a += uk[c] * load(v + c * ld + j);
+            store(m + k * ld + j, a);
         }
     }
 }

@@ -35,11 +35,24 @@ void winograd_output_transform(const float *m, int64_t ld, int64_t out_channels,
                                const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                const float *bias, float *out, float *stage);
 
+/* The output transform fused with max pooling 2x2 / 2 (see winograd.c); indices may be NULL. */
+void winograd_output_max_pool(const float *m, int64_t ld, int64_t out_channels,
+                              const WinogradGeometry *g, int64_t first_row, int64_t rows,
+                              const float *bias, float *pooled, int64_t *indices, float *stage);
+
 /* The adjoint of the output transform: m[p][k][t] = (A dY A^T)[p] for the output gradient dY of
  * slot t (zero past the output's edge). */
 void winograd_grad_transform(const float *grad, int64_t out_channels, const WinogradGeometry *g,
                              int64_t first_row, int64_t rows, float *m, int64_t ld,
                              float *stage);
+
+/* Slots rounded up to whole vectors: the columns the products run over (the transforms zero
+ * the padding). ld must be at least this. */
+int64_t winograd_padded(int64_t slots);
+
+/* m[k][:] = sum_c u[k][c] v[c][:] for one point (u: out_channels x channels, row-major). */
+void winograd_products(const float *u, const float *v, float *m, int64_t out_channels,
+                       int64_t channels, int64_t columns, int64_t ld);
 
 /* Which compiled variant of the transforms this CPU runs. */
 const char *winograd_isa(void);

@@ -230,3 +230,77 @@ def test_non_finite_inputs_take_the_direct_path_and_keep_torchs_infinities(calls
     expected = reference.conv2d(x, w, padding=1)
     np.testing.assert_array_equal(np.isinf(y), np.isinf(expected))
     np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+
+
+pool_cases = st.fixed_dictionaries({
+    "n": st.integers(1, 3),
+    "c_in": st.integers(1, 20),
+    "c_out": st.integers(1, 20),
+    "h": st.integers(2, 15),
+    "w": st.integers(2, 15),
+    "padding": st.integers(0, 2),
+    "bias": st.booleans(),
+    "with_indices": st.booleans(),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(pool_cases)
+def test_winograd_with_fused_max_pool_matches_the_reference(case):
+    """The pooled output transform: values and torch's indices of max_pool2d(conv2d(x), 2)."""
+    p = case["padding"]
+    if min(case["h"], case["w"]) + 2 * p - 2 < 2:
+        return  # no 2x2 window fits the convolution's output
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal((case["n"], case["c_in"], case["h"], case["w"])).astype(np.float32)
+    w = rng.standard_normal((case["c_out"], case["c_in"], 3, 3)).astype(np.float32)
+    b = rng.standard_normal(case["c_out"]).astype(np.float32) if case["bias"] else None
+    fc.set_conv_algorithm("winograd")
+    counts = {}
+    original = _conv.winograd_conv2d_forward
+
+    def spy(*args):
+        counts["pool mode"] = args[-2]
+        return original(*args)
+
+    _conv.winograd_conv2d_forward = spy
+    try:
+        result = F._conv2d_max_pool2d(x, w, b, 1, p, 1, 1, (2, 2, 0, 1, False),
+                                      case["with_indices"])
+    finally:
+        _conv.winograd_conv2d_forward = original
+    assert result is not None and counts["pool mode"] == (2 if case["with_indices"] else 1)
+    pooled, indices, conv_shape = result
+    conv = reference.conv2d(x.astype(np.float64), w.astype(np.float64),
+                            None if b is None else b.astype(np.float64), padding=p)
+    expected, expected_indices = reference.max_pool2d(conv, 2, return_indices=True)
+    assert conv_shape == conv.shape and pooled.shape == expected.shape
+    assert relative_error(pooled, expected) < TOLERANCE
+    if case["with_indices"]:
+        # equal, except where two window entries tie within float32 rounding
+        chosen = np.take_along_axis(conv.reshape(*conv.shape[:2], -1),
+                                    indices.reshape(*indices.shape[:2], -1), axis=2)
+        assert np.abs(chosen.reshape(expected.shape) - expected).max() < TOLERANCE * np.abs(conv).max()
+        assert (indices == expected_indices).mean() > 0.99
+
+
+def test_sequential_pools_inside_the_winograd_transform(calls):
+    from fastconv import nn
+
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, rng=0), nn.ReLU(), nn.MaxPool2d(2))
+    x = np.random.default_rng(8).standard_normal((4, 16, 10, 10)).astype(np.float32)
+    fc.set_conv_algorithm("winograd")
+    y = model(x)
+    assert calls == {"winograd_conv2d_forward": 1}
+    w, b = (p.data.astype(np.float64) for p in (model.layers[0].weight, model.layers[0].bias))
+    x64 = x.astype(np.float64)
+    conv = reference.conv2d(x64, w, b, padding=1)
+    expected = reference.max_pool2d(np.maximum(conv, 0), 2)
+    assert relative_error(y, expected) < TOLERANCE
+    model.zero_grad()
+    model.backward(np.ones_like(y))  # the first layer: no input gradient
+    assert calls == {"winograd_conv2d_forward": 1, "winograd_conv2d_weight_grad": 1}
+    grad_conv = reference.max_pool2d_backward(np.ones(expected.shape), np.maximum(conv, 0), 2)
+    expected_grad = reference.conv2d_backward(grad_conv * (conv > 0), x64, w, padding=1)[1]
+    assert relative_error(model.layers[0].weight.grad, expected_grad) < TOLERANCE
