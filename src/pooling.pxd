@@ -6,6 +6,12 @@ from libc.stdint cimport int64_t
 
 from common cimport real, valid_range
 
+cdef extern from "max_pool_2x2.h":
+    void max_pool_2x2_float(const float *x, int64_t width, int64_t out_h, int64_t out_w,
+                            float *out, int64_t *indices) noexcept nogil
+    void max_pool_2x2_double(const double *x, int64_t width, int64_t out_h, int64_t out_w,
+                             double *out, int64_t *indices) noexcept nogil
+
 
 cdef struct Pool:
     Py_ssize_t height, width, out_h, out_w, kh, kw, sh, sw, ph, pw, dh, dw
@@ -46,12 +52,26 @@ cdef inline void max_plane(const real *x, real *out, int64_t *indices, Pool g) n
             indices[oh * g.out_w + ow] = best_index
 
 
+cdef inline bint is_2x2(Pool g) noexcept nogil:
+    return g.kh == 2 and g.kw == 2 and g.sh == 2 and g.sw == 2 and g.dh == 1 and g.dw == 1
+
+
+cdef inline void max_plane_2x2(const real *x, real *out, int64_t *indices, Pool g) noexcept nogil:
+    if real is float:
+        max_pool_2x2_float(x, g.width, g.out_h, g.out_w, out, indices)
+    else:
+        max_pool_2x2_double(x, g.width, g.out_h, g.out_w, out, indices)
+
+
 cdef inline void max_plane_interior(const real *x, real *out, int64_t *indices, Pool g) noexcept nogil:
     """_max_plane when every window lies inside the plane: no bounds tests, so the compiler can
     turn the comparisons into selects."""
     cdef Py_ssize_t oh, ow, i, j, start, at, best_index
     cdef int64_t mask
     cdef real best, value
+    if is_2x2(g):
+        max_plane_2x2(x, out, indices, g)
+        return
     for oh in range(g.out_h):
         for ow in range(g.out_w):
             start = oh * g.sh * g.width + ow * g.sw
@@ -75,6 +95,9 @@ cdef inline void max_plane_values(const real *x, real *out, Pool g) noexcept nog
     cdef Py_ssize_t oh, ow, i, j, start
     cdef real best, value
     cdef bint nan
+    if is_2x2(g):
+        max_plane_2x2(x, out, NULL, g)
+        return
     for oh in range(g.out_h):
         for ow in range(g.out_w):
             start = oh * g.sh * g.width + ow * g.sw
