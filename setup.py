@@ -18,7 +18,9 @@ from setuptools import Extension, setup
 KERNELS = ["_conv", "_pool", "_norm"]  # src/<name>.pyx -> fastconv.<name>
 # Hand-written C compiled into a kernel module beside its .pyx.
 C_SOURCES = {
-    "_conv": ["src/winograd.c", "src/max_pool_2x2.c"],
+    "_conv": [
+        "src/winograd.c", "src/microkernels.c", "src/max_pool_2x2.c", "src/im2col.c"
+    ],
     "_pool": ["src/max_pool_2x2.c"],
 }
 
@@ -76,7 +78,8 @@ extensions = [
         f"fastconv.{name}",
         [f"src/{name}.pyx", *C_SOURCES.get(name, [])],
         depends=[
-            "src/common.pxd", "src/pooling.pxd", "src/winograd.h", "src/max_pool_2x2.h"
+            "src/common.pxd", "src/pooling.pxd", "src/winograd.h", "src/max_pool_2x2.h",
+            "src/im2col.h", "src/microkernels.h",
         ],
         include_dirs=[np.get_include(), "src"],
         extra_compile_args=compile_args,

@@ -167,6 +167,25 @@ def _winograd_conv2d(x, u, bias, out, args, threads, indices=None, pool=0):
     )
 
 
+def _shifted(g, groups, dtype) -> bool:
+    """Whether the direct path runs on the shifted-view micro-kernel (no im2col copy)."""
+    return (
+        g.stride == (1, 1) and g.dilation == (1, 1) and groups == 1
+        and np.dtype(dtype) == np.float32 and _conv.winograd_products_backend() == "micro-kernel"
+    )
+
+
+def _direct_workspace(g, c_out, groups, dtype, threads, *extra):
+    """(shifts, shifted, workspace, *extra views) for conv2d_forward and the fused conv + pool."""
+    if _shifted(g, groups, dtype):
+        shifts = np.empty(g.patch_size, np.int64)
+        _conv.shifts(g.c_in, g.kernel_args, shifts)
+        size = _conv.shifted_workspace(g.c_in, c_out, g.kernel_args)
+        return (shifts, True, *_workspace(dtype, (threads, 1, size), *extra))
+    shifts = np.zeros(1, np.int64)
+    return (shifts, False, *_workspace(dtype, (threads, g.patch_size, g.out_h * g.out_w), *extra))
+
+
 def _finish(out, unbatched):
     return out[0] if unbatched else out
 
@@ -209,11 +228,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         _winograd_conv2d(a.x, _winograd_weight(w), bias, out, args, threads)
         return _finish(out, a.unbatched)
     if _blas_in_kernels():
-        (workspace,) = _workspace(w.dtype, (threads, rows, positions))
+        shifts, shifted, workspace = _direct_workspace(g, c_out, groups, w.dtype, threads)
         has_bias = bias is not None
         _conv.conv2d_forward(
             a.x, weight_by_group, bias if has_bias else np.zeros(1, w.dtype), flat_out,
-            workspace, g.kernel_args, has_bias, threads,
+            workspace, g.kernel_args, has_bias, shifts, shifted, threads,
         )
         return _finish(out, a.unbatched)
     for n0, count in _batch_chunks(g.n, rows * positions, w.itemsize):
@@ -257,12 +276,14 @@ def _conv2d_max_pool2d(input, weight, bias, stride, padding, dilation, groups, p
         return out, indices, conv_shape
     out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
     indices = np.empty(out.shape if with_indices else (1, 1, 1, 1), dtype=np.int64)
-    workspace, scratch = _workspace(w.dtype, (threads, rows, positions), (threads, c_out, positions))
+    shifts, shifted, workspace, scratch = _direct_workspace(
+        g, c_out, groups, w.dtype, threads, (threads, c_out, positions)
+    )
     has_bias = bias is not None
     _conv.conv2d_max_pool_forward(
         a.x, w.reshape(groups, c_out // groups, rows // groups),
         bias if has_bias else np.zeros(1, w.dtype), out, indices, workspace, scratch,
-        g.kernel_args, p.pool_args, has_bias, with_indices, threads,
+        g.kernel_args, p.pool_args, has_bias, with_indices, shifts, shifted, threads,
     )
     return out, (indices if with_indices else None), conv_shape
 

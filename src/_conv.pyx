@@ -15,6 +15,7 @@ the process, and no GIL around the call.
 
 from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t
+from libc.string cimport memcpy, memset
 
 from common cimport real, valid_range
 from pooling cimport Pool, make_pool, max_plane_interior, max_plane_values
@@ -49,36 +50,23 @@ cdef Geometry _geometry(Py_ssize_t channels, Py_ssize_t height, Py_ssize_t width
     return g
 
 
+cdef extern from "im2col.h":
+    ctypedef struct Im2colGeometry:
+        int64_t channels, height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
+    void im2col_float(const float *x, float *cols, const Im2colGeometry *g) noexcept nogil
+    void im2col_double(const double *x, double *cols, const Im2colGeometry *g) noexcept nogil
+
+
 cdef void _im2col(const real *x, real *cols, Geometry g) noexcept nogil:
     """cols[(c, i, j), (oh, ow)] = x[c, oh*sh - ph + i*dh, ow*sw - pw + j*dw], 0 outside."""
-    cdef Py_ssize_t r, c, i, j, oh, ow, h, w_off, lo = 0, hi = 0
-    cdef Py_ssize_t positions = g.out_h * g.out_w
-    cdef const real *row
-    cdef real *dst
-    for r in range(g.channels * g.kh * g.kw):
-        c = r // (g.kh * g.kw)
-        i = (r // g.kw) % g.kh
-        j = r % g.kw
-        w_off = j * g.dw - g.pw
-        valid_range(w_off, g.sw, g.width, g.out_w, &lo, &hi)
-        for oh in range(g.out_h):
-            dst = cols + r * positions + oh * g.out_w
-            h = oh * g.sh - g.ph + i * g.dh
-            if h < 0 or h >= g.height:
-                for ow in range(g.out_w):
-                    dst[ow] = 0
-                continue
-            row = x + (c * g.height + h) * g.width + w_off
-            for ow in range(lo):
-                dst[ow] = 0
-            if g.sw == 1:
-                for ow in range(lo, hi):
-                    dst[ow] = row[ow]
-            else:
-                for ow in range(lo, hi):
-                    dst[ow] = row[ow * g.sw]
-            for ow in range(hi, g.out_w):
-                dst[ow] = 0
+    cdef Im2colGeometry c
+    c.channels, c.height, c.width, c.kh, c.kw = g.channels, g.height, g.width, g.kh, g.kw
+    c.sh, c.sw, c.ph, c.pw, c.dh, c.dw = g.sh, g.sw, g.ph, g.pw, g.dh, g.dw
+    c.out_h, c.out_w = g.out_h, g.out_w
+    if real is float:
+        im2col_float(x, cols, &c)
+    else:
+        im2col_double(x, cols, &c)
 
 
 cdef void _col2im(const real *cols, real *x, Geometry g) noexcept nogil:
@@ -191,11 +179,19 @@ cdef inline void _restore_blas(int team, int previous) noexcept nogil:
 
 cdef void _conv_sample(const real *x, const real *weight, Py_ssize_t groups, Py_ssize_t rows_g,
                        Py_ssize_t k_g, const real *bias, bint has_bias, real *cols,
-                       real *out, Geometry g) noexcept nogil:
-    """One sample: out (C_out, P) = weight @ im2col(x) per group (+ bias)."""
+                       real *out, Geometry g, const int64_t *shifts) noexcept nogil:
+    """One sample: out (C_out, P) = weight @ im2col(x) per group (+ bias).
+
+    With shifts (float32, stride 1, dilation 1, one group: see shifted_workspace), the product
+    runs on the micro-kernel against shifted views of a padded copy of x instead.
+    """
     cdef Py_ssize_t positions = g.out_h * g.out_w, grp, o, p
     cdef real b
     cdef real *row
+    if real is float:
+        if shifts != NULL:
+            _conv_sample_shifted(x, weight, rows_g, k_g, bias, has_bias, cols, out, g, shifts)
+            return
     _im2col(x, cols, g)
     for grp in range(groups):
         _gemm(False, False, rows_g, positions, k_g, weight + grp * rows_g * k_g, k_g,
@@ -208,12 +204,70 @@ cdef void _conv_sample(const real *x, const real *weight, Py_ssize_t groups, Py_
                 row[p] += b
 
 
+cdef inline Py_ssize_t _padded_plane(Geometry g) noexcept nogil:
+    return (g.out_h + g.kh - 1) * (g.out_w + g.kw - 1)
+
+
+cdef inline Py_ssize_t _shifted_columns(Geometry g) noexcept nogil:
+    """The product's columns: out_h rows of the padded width, rounded to whole vectors."""
+    return (g.out_h * (g.out_w + g.kw - 1) + 15) // 16 * 16
+
+
+def shifted_workspace(Py_ssize_t channels, Py_ssize_t out_channels, tuple args):
+    """Floats per thread of the shifted path: the padded image (+ slack the last vector reads
+    past it) and the product, out_h rows of the padded width each."""
+    cdef Geometry g = _geometry(channels, 0, 0, args)
+    return channels * _padded_plane(g) + g.kw + 16 + out_channels * _shifted_columns(g)
+
+
+def shifts(Py_ssize_t channels, tuple args, int64_t[::1] out):
+    """out[(c, i, j)] = where tap (c, i, j) of the filter starts in the padded image."""
+    cdef Geometry g = _geometry(channels, 0, 0, args)
+    cdef Py_ssize_t c, i, j, wp = g.out_w + g.kw - 1
+    for c in range(channels):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                out[(c * g.kh + i) * g.kw + j] = c * _padded_plane(g) + i * wp + j
+
+
+cdef void _conv_sample_shifted(const float *x, const float *weight, Py_ssize_t c_out,
+                               Py_ssize_t taps, const float *bias, bint has_bias, float *work,
+                               float *out, Geometry g, const int64_t *shifts) noexcept nogil:
+    """Stride-1 convolution without im2col: out[k][oh * Wp + ow] = sum over taps (c, i, j) of
+    w[k][c][i][j] * padded[c][oh + i][ow + j], i.e. each tap's row is the padded image shifted
+    by shifts[tap]. Columns past out_w (up to Wp) are computed and dropped."""
+    cdef Py_ssize_t hp = g.out_h + g.kh - 1, wp = g.out_w + g.kw - 1, c, h, o, p
+    cdef Py_ssize_t plane = hp * wp, size = g.channels * plane + g.kw + 16
+    cdef Py_ssize_t columns = _shifted_columns(g)
+    cdef float *padded = work
+    cdef float *product = work + size
+    cdef const float *src
+    cdef float *dst
+    cdef float b
+    memset(padded, 0, size * sizeof(float))
+    for c in range(g.channels):
+        for h in range(min(g.height, hp - g.ph)):
+            src = x + (c * g.height + h) * g.width
+            dst = padded + c * plane + (h + g.ph) * wp + g.pw
+            memcpy(dst, src, min(g.width, wp - g.pw) * sizeof(float))
+    shifted_product(weight, padded, shifts, product, c_out, taps, columns, columns)
+    for o in range(c_out):
+        b = bias[o] if has_bias else 0
+        for h in range(g.out_h):
+            src = product + o * columns + h * wp
+            dst = out + (o * g.out_h + h) * g.out_w
+            for p in range(g.out_w):
+                dst[p] = src[p] + b
+
+
 def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
                    const real[::1] bias, real[:, :, ::1] out, real[:, :, ::1] workspace,
-                   tuple args, bint has_bias, int num_threads):
+                   tuple args, bint has_bias, const int64_t[::1] shifts, bint shifted,
+                   int num_threads):
     """out[n] = weight @ im2col(x[n]) (+ bias), per group; weight (G, C_out/G, K/G).
 
-    workspace: (threads, K, P). out: (N, C_out, P).
+    workspace: (threads, K, P), or (threads, 1, shifted_workspace(...)) when shifted (then
+    shifts holds shifts(...)). out: (N, C_out, P).
     """
     cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
     cdef Py_ssize_t n
@@ -224,7 +278,8 @@ def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
             _single_threaded_blas(num_threads)
             _conv_sample(&x[n, 0, 0, 0], &weight[0, 0, 0], weight.shape[0], weight.shape[1],
                          weight.shape[2], &bias[0], has_bias,
-                         &workspace[threadid(), 0, 0], &out[n, 0, 0], g)
+                         &workspace[threadid(), 0, 0], &out[n, 0, 0], g,
+                         &shifts[0] if shifted else NULL)
         _restore_blas(num_threads, previous)
 
 
@@ -267,7 +322,8 @@ def conv2d_max_pool_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] we
                             const real[::1] bias, real[:, :, :, ::1] out,
                             int64_t[:, :, :, ::1] indices, real[:, :, ::1] workspace,
                             real[:, :, ::1] scratch, tuple args, tuple pool_args,
-                            bint has_bias, bint with_indices, int num_threads):
+                            bint has_bias, bint with_indices, const int64_t[::1] shifts,
+                            bint shifted, int num_threads):
     """max_pool2d(conv2d(x)) without the convolution's output ever leaving the cache.
 
     As conv2d_forward, but each sample's (C_out, P) product goes to a per-thread `scratch`
@@ -289,7 +345,7 @@ def conv2d_max_pool_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] we
             product = &scratch[tid, 0, 0]
             _conv_sample(&x[n, 0, 0, 0], &weight[0, 0, 0], weight.shape[0], weight.shape[1],
                          weight.shape[2], &bias[0], has_bias, &workspace[tid, 0, 0],
-                         product, g)
+                         product, g, &shifts[0] if shifted else NULL)
             for o in range(c_out):
                 if with_indices:
                     max_plane_interior(product + o * positions, &out[n, o, 0, 0],
@@ -315,13 +371,18 @@ cdef extern from "winograd.h":
                                  const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                  float *m, int64_t ld, float *stage) noexcept nogil
     int64_t winograd_padded(int64_t slots) noexcept nogil
-    void winograd_products(const float *u, const float *v, float *m, int64_t out_channels,
-                           int64_t channels, int64_t columns, int64_t ld) noexcept nogil
     void winograd_output_max_pool(const float *m, int64_t ld, int64_t out_channels,
                                   const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                   const float *bias, float *pooled, int64_t *indices,
                                   float *stage) noexcept nogil
     const char *winograd_isa()
+
+cdef extern from "microkernels.h":
+    void rows_product(const float *a, const float *v, float *m, int64_t out_channels,
+                      int64_t taps, int64_t columns, int64_t ld) noexcept nogil
+    void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,
+                         int64_t out_channels, int64_t taps, int64_t columns,
+                         int64_t ld) noexcept nogil
 
 winograd_kernels = winograd_isa().decode()
 # The forward products run on winograd.c's micro-kernel where the CPU has vector units for it
@@ -393,8 +454,8 @@ def winograd_conv2d_forward(const float[:, :, :, ::1] x, const float[:, :, ::1] 
             winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, ld, stage)
             for p in range(16):
                 if _winograd_microkernels:
-                    winograd_products(&u[p, 0, 0], v + p * c_in * ld, m + p * c_out * ld, c_out,
-                                      c_in, winograd_padded(slots), ld)
+                    rows_product(&u[p, 0, 0], v + p * c_in * ld, m + p * c_out * ld, c_out,
+                                 c_in, winograd_padded(slots), ld)
                 else:
                     _gemm(False, False, c_out, slots, c_in, &u[p, 0, 0], c_in,
                           v + p * c_in * ld, ld, 0, m + p * c_out * ld, ld)

@@ -7,8 +7,6 @@
  *
  *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]      A^T = [1 1 1 0; 0 1 -1 -1]
  */
-#include <string.h>
-
 #include "winograd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -274,66 +272,6 @@ void winograd_grad_transform(const float *grad, int64_t out_channels, const Wino
         }
     }
     zero_tail(m, 16 * out_channels, ld, slots);
-}
-
-/* --- The 16 products: register-blocked micro-kernels ------------------------------------------
- * GCC vector extensions: one 16-float vector is one AVX-512 register in the x86-64-v4 clone,
- * two AVX2 registers in the v3 one, four SSE registers in the baseline. Operands come straight
- * from the transforms' layout (no packing), rows aligned and padded to whole vectors. */
-typedef float vfloat __attribute__((vector_size(64)));
-#define LANES 16
-
-static inline vfloat load(const float *p) {
-    vfloat v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
-
-/* m[k][0:columns] = sum_c u[k][c] * v[c][0:columns], for 4 rows k of u at a time and 2 vectors
- * of columns: 8 accumulators, 2 loads and 4 broadcasts per 8 multiply-adds. */
-FASTCONV_MULTIVERSION
-void winograd_products(const float *u, const float *v, float *m, int64_t out_channels,
-                       int64_t channels, int64_t columns, int64_t ld) {
-    int64_t k = 0;
-    for (; k + 4 <= out_channels; k += 4) {
-        const float *u0 = u + k * channels, *u1 = u0 + channels, *u2 = u1 + channels,
-                    *u3 = u2 + channels;
-        int64_t j = 0;
-        for (; j + 2 * LANES <= columns; j += 2 * LANES) {
-            vfloat a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0},
-                   a31 = {0};
-            for (int64_t c = 0; c < channels; c++) {
-                vfloat x0 = load(v + c * ld + j), x1 = load(v + c * ld + j + LANES);
-                a00 += u0[c] * x0, a01 += u0[c] * x1;
-                a10 += u1[c] * x0, a11 += u1[c] * x1;
-                a20 += u2[c] * x0, a21 += u2[c] * x1;
-                a30 += u3[c] * x0, a31 += u3[c] * x1;
-            }
-            store(m + k * ld + j, a00), store(m + k * ld + j + LANES, a01);
-            store(m + (k + 1) * ld + j, a10), store(m + (k + 1) * ld + j + LANES, a11);
-            store(m + (k + 2) * ld + j, a20), store(m + (k + 2) * ld + j + LANES, a21);
-            store(m + (k + 3) * ld + j, a30), store(m + (k + 3) * ld + j + LANES, a31);
-        }
-        for (; j < columns; j += LANES) {
-            vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            for (int64_t c = 0; c < channels; c++) {
-                vfloat x = load(v + c * ld + j);
-                a0 += u0[c] * x, a1 += u1[c] * x, a2 += u2[c] * x, a3 += u3[c] * x;
-            }
-            store(m + k * ld + j, a0), store(m + (k + 1) * ld + j, a1);
-            store(m + (k + 2) * ld + j, a2), store(m + (k + 3) * ld + j, a3);
-        }
-    }
-    for (; k < out_channels; k++) {
-        const float *uk = u + k * channels;
-        for (int64_t j = 0; j < columns; j += LANES) {
-            vfloat a = {0};
-            for (int64_t c = 0; c < channels; c++) a += uk[c] * load(v + c * ld + j);
-            store(m + k * ld + j, a);
-        }
-    }
 }
 
 const char *winograd_isa(void) {

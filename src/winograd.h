@@ -50,10 +50,6 @@ void winograd_grad_transform(const float *grad, int64_t out_channels, const Wino
  * the padding). ld must be at least this. */
 int64_t winograd_padded(int64_t slots);
 
-/* m[k][:] = sum_c u[k][c] v[c][:] for one point (u: out_channels x channels, row-major). */
-void winograd_products(const float *u, const float *v, float *m, int64_t out_channels,
-                       int64_t channels, int64_t columns, int64_t ld);
-
 /* Which compiled variant of the transforms this CPU runs. */
 const char *winograd_isa(void);
 

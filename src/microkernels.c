@@ -1,0 +1,86 @@
+/* Register-blocked products of a small dense matrix with rows of a larger one, the GEMMs of
+ * fastconv's own convolution paths: Winograd's per-point products, and the direct convolution's
+ * product with shifted views of the (padded) image, which needs no im2col copy.
+ *
+ * GCC vector extensions: one 16-float vector is one AVX-512 register in the x86-64-v4 clone,
+ * two AVX2 registers in the v3 one, four SSE registers in the baseline. Operands are used in
+ * place (no packing); `columns` is a multiple of 16 and every row may be read that far.
+ */
+#include <string.h>
+
+#include "microkernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define FASTCONV_MULTIVERSION \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTCONV_MULTIVERSION
+#endif
+
+typedef float vfloat __attribute__((vector_size(64)));
+#define LANES 16
+
+static inline __attribute__((always_inline)) vfloat load(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+/* m[k][0:columns] = sum_r a[k][r] * ROW(r)[0:columns], for 4 rows k of a at a time and 2
+ * vectors of columns: 8 accumulators, 2 loads and 4 broadcasts per 8 multiply-adds. */
+#define PRODUCTS_BODY(ROW)                                                                     \
+    int64_t k = 0;                                                                             \
+    for (; k + 4 <= out_channels; k += 4) {                                                    \
+        const float *a0 = a + k * taps, *a1 = a0 + taps, *a2 = a1 + taps, *a3 = a2 + taps;    \
+        int64_t j = 0;                                                                         \
+        for (; j + 2 * LANES <= columns; j += 2 * LANES) {                                     \
+            vfloat s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0};                                 \
+            vfloat s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};                                 \
+            for (int64_t r = 0; r < taps; r++) {                                               \
+                vfloat y0 = load(ROW(r) + j), y1 = load(ROW(r) + j + LANES);                   \
+                s00 += a0[r] * y0, s01 += a0[r] * y1;                                          \
+                s10 += a1[r] * y0, s11 += a1[r] * y1;                                          \
+                s20 += a2[r] * y0, s21 += a2[r] * y1;                                          \
+                s30 += a3[r] * y0, s31 += a3[r] * y1;                                          \
+            }                                                                                  \
+            store(m + k * ld + j, s00), store(m + k * ld + j + LANES, s01);                    \
+            store(m + (k + 1) * ld + j, s10), store(m + (k + 1) * ld + j + LANES, s11);        \
+            store(m + (k + 2) * ld + j, s20), store(m + (k + 2) * ld + j + LANES, s21);        \
+            store(m + (k + 3) * ld + j, s30), store(m + (k + 3) * ld + j + LANES, s31);        \
+        }                                                                                      \
+        for (; j < columns; j += LANES) {                                                      \
+            vfloat s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                     \
+            for (int64_t r = 0; r < taps; r++) {                                               \
+                vfloat y = load(ROW(r) + j);                                                   \
+                s0 += a0[r] * y, s1 += a1[r] * y, s2 += a2[r] * y, s3 += a3[r] * y;            \
+            }                                                                                  \
+            store(m + k * ld + j, s0), store(m + (k + 1) * ld + j, s1);                        \
+            store(m + (k + 2) * ld + j, s2), store(m + (k + 3) * ld + j, s3);                  \
+        }                                                                                      \
+    }                                                                                          \
+    for (; k < out_channels; k++) {                                                            \
+        const float *ak = a + k * taps;                                                        \
+        for (int64_t j = 0; j < columns; j += LANES) {                                         \
+            vfloat s = {0};                                                                    \
+            for (int64_t r = 0; r < taps; r++) s += ak[r] * load(ROW(r) + j);                  \
+            store(m + k * ld + j, s);                                                          \
+        }                                                                                      \
+    }
+
+FASTCONV_MULTIVERSION
+void rows_product(const float *a, const float *v, float *m, int64_t out_channels, int64_t taps,
+                  int64_t columns, int64_t ld) {
+#define STRIDED_ROW(r) (v + (r) * ld)
+    PRODUCTS_BODY(STRIDED_ROW)
+#undef STRIDED_ROW
+}
+
+FASTCONV_MULTIVERSION
+void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,
+                     int64_t out_channels, int64_t taps, int64_t columns, int64_t ld) {
+#define SHIFTED_ROW(r) (x + offsets[r])
+    PRODUCTS_BODY(SHIFTED_ROW)
+#undef SHIFTED_ROW
+}

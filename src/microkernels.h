@@ -1,0 +1,17 @@
+/* Register-blocked products for fastconv's own convolution paths (see microkernels.c). */
+#ifndef FASTCONV_MICROKERNELS_H
+#define FASTCONV_MICROKERNELS_H
+
+#include <stdint.h>
+
+/* m[k][0:columns] = sum_r a[k][r] v[r][0:columns]; a: out_channels x taps row-major, v and m
+ * rows ld apart (Winograd's per-point products, ld for both). */
+void rows_product(const float *a, const float *v, float *m, int64_t out_channels, int64_t taps,
+                  int64_t columns, int64_t ld);
+
+/* m[k][0:columns] = sum_r a[k][r] x[offsets[r] + 0:columns]: a stride-1 convolution as the
+ * product of the filters with shifted views of the padded image. */
+void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,
+                     int64_t out_channels, int64_t taps, int64_t columns, int64_t ld);
+
+#endif
