@@ -304,3 +304,24 @@ def test_sequential_pools_inside_the_winograd_transform(calls):
     grad_conv = reference.max_pool2d_backward(np.ones(expected.shape), np.maximum(conv, 0), 2)
     expected_grad = reference.conv2d_backward(grad_conv * (conv > 0), x64, w, padding=1)[1]
     assert relative_error(model.layers[0].weight.grad, expected_grad) < TOLERANCE
+
+
+@pytest.mark.parametrize("microkernels", [True, False])
+def test_both_product_backends_match_the_reference(microkernels):
+    """The micro-kernels and the portable BLAS path give the same answers."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 19, 9, 12)).astype(np.float32)
+    w = rng.standard_normal((21, 19, 3, 3)).astype(np.float32)
+    fc.set_conv_algorithm("winograd")
+    before = _conv.winograd_products_backend()
+    _conv.use_winograd_microkernels(microkernels)
+    try:
+        assert _conv.winograd_products_backend() == ("micro-kernel" if microkernels else "BLAS")
+        y = fc.conv2d(x, w, padding=1)
+        gx, gw, _ = fc.conv2d_backward(np.ones_like(y), x, w, padding=1)
+    finally:
+        _conv.use_winograd_microkernels(before == "micro-kernel")
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    assert relative_error(y, reference.conv2d(x64, w64, padding=1)) < TOLERANCE
+    egx, egw, _ = reference.conv2d_backward(np.ones(y.shape), x64, w64, padding=1)
+    assert relative_error(gx, egx) < TOLERANCE and relative_error(gw, egw) < TOLERANCE
