@@ -114,27 +114,13 @@ def _all_finite(*arrays) -> bool:
     return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays)
 
 
-# G of F(2x2, 3x3): a 3x3 filter w becomes the 4x4 tile G w G^T.
-_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-
-
-def _winograd_weight(weight):
-    """(C_out, C_in, 3, 3) -> (16, C_out, C_in): point 4i + j of G w G^T."""
+def _winograd_weight(weight, flip=False):
+    """(C_out, C_in, 3, 3) -> (16, C_out, C_in), point 4i + j of G w G^T; flip: (16, C_in, C_out)
+    of the flipped, transposed filters (the input gradient's)."""
     c_out, c_in = weight.shape[:2]
-    g = _WINOGRAD_G
-    rows = (weight.reshape(-1, 3) @ g.T).reshape(c_out, c_in, 3, 4)  # w G^T
-    tile = (rows.transpose(0, 1, 3, 2).reshape(-1, 3) @ g.T).reshape(c_out, c_in, 4, 4)  # [j, i]
-    return np.ascontiguousarray(tile.transpose(3, 2, 0, 1)).reshape(16, c_out, c_in)
-
-
-def _winograd_weight_grad(grad_u):
-    """The adjoint of _winograd_weight: (16, C_out, C_in) -> (C_out, C_in, 3, 3), G^T dU G."""
-    c_out, c_in = grad_u.shape[1:]
-    g = _WINOGRAD_G
-    tile = grad_u.reshape(4, 4, c_out, c_in).transpose(2, 3, 0, 1)  # [k, c, i, j]
-    cols = (tile.reshape(-1, 4) @ g).reshape(c_out, c_in, 4, 3)  # dU G
-    grad = (cols.transpose(0, 1, 3, 2).reshape(-1, 4) @ g).reshape(c_out, c_in, 3, 3)  # [b, a]
-    return np.ascontiguousarray(grad.transpose(0, 1, 3, 2))
+    u = np.empty((16, c_in, c_out) if flip else (16, c_out, c_in), np.float32)
+    _conv.winograd_weight(np.ascontiguousarray(weight), u, flip)
+    return u
 
 
 def _winograd_block(n, args, c_in, c_out, threads):
@@ -356,11 +342,11 @@ def _winograd_conv2d_backward(grad, x, weight, g, grad_input, want_weight, threa
         partial, workspace = _workspace(np.float32, (threads, 16, c_out, c_in), (threads, size))
         partial[...] = 0
         _conv.winograd_conv2d_weight_grad(grad, x, partial, workspace, args, block, threads)
-        grad_weight = _winograd_weight_grad(partial.sum(axis=0))
+        grad_weight = np.empty(weight.shape, np.float32)
+        _conv.winograd_weight_grad(np.ascontiguousarray(partial.sum(axis=0)), grad_weight)
     if grad_input is not None:
-        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         args = (2 - g.pad_top, 2 - g.pad_left, g.h, g.w)
-        _winograd_conv2d(grad, _winograd_weight(flipped), None, grad_input, args, threads)
+        _winograd_conv2d(grad, _winograd_weight(weight, flip=True), None, grad_input, args, threads)
     return grad_weight
 
 

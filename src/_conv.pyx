@@ -375,6 +375,10 @@ cdef extern from "winograd.h":
                                   const WinogradGeometry *g, int64_t first_row, int64_t rows,
                                   const float *bias, float *pooled, int64_t *indices,
                                   float *stage) noexcept nogil
+    void winograd_weight_transform(const float *w, int64_t out_channels, int64_t channels,
+                                   int flip, float *u) noexcept nogil
+    void winograd_weight_grad_transform(const float *du, int64_t out_channels,
+                                        int64_t channels, float *grad_w) noexcept nogil
     const char *winograd_isa()
 
 cdef extern from "microkernels.h":
@@ -409,6 +413,21 @@ cdef WinogradGeometry _winograd_geometry(Py_ssize_t channels, Py_ssize_t height,
     g.pad_h, g.pad_w, g.out_h, g.out_w = args
     g.tiles_h, g.tiles_w = (g.out_h + 1) // 2, (g.out_w + 1) // 2
     return g
+
+
+def winograd_weight(const float[:, :, :, ::1] weight, float[:, :, ::1] u, bint flip):
+    """u = the (16, C_out, C_in) transform of weight (C_out, C_in, 3, 3); flip: (16, C_in, C_out)
+    of its flipped transpose (the input gradient's filters)."""
+    with nogil:
+        winograd_weight_transform(&weight[0, 0, 0, 0], weight.shape[0], weight.shape[1], flip,
+                                  &u[0, 0, 0])
+
+
+def winograd_weight_grad(const float[:, :, ::1] grad_u, float[:, :, :, ::1] grad_weight):
+    """grad_weight (C_out, C_in, 3, 3) from the transformed gradient (16, C_out, C_in)."""
+    with nogil:
+        winograd_weight_grad_transform(&grad_u[0, 0, 0], grad_u.shape[1], grad_u.shape[2],
+                                       &grad_weight[0, 0, 0, 0])
 
 
 def winograd_workspace_size(Py_ssize_t channels, Py_ssize_t out_channels, tuple args,

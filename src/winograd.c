@@ -274,6 +274,59 @@ void winograd_grad_transform(const float *grad, int64_t out_channels, const Wino
     zero_tail(m, 16 * out_channels, ld, slots);
 }
 
+/* u[p][k][c] = (G w[k][c] G^T)[p]; with flip, of w's flipped transpose w[c][k][2-i][2-j]
+ * instead (the input gradient's filters), u then being (16, C, K).
+ *   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] */
+void winograd_weight_transform(const float *w, int64_t out_channels, int64_t channels,
+                               int flip, float *u) {
+    const int64_t rows = flip ? channels : out_channels, cols = flip ? out_channels : channels;
+    for (int64_t k = 0; k < out_channels; k++)
+        for (int64_t c = 0; c < channels; c++) {
+            const float *f = w + (k * channels + c) * 9;
+            float g[3][3], t[4][3];
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++) g[i][j] = flip ? f[(2 - i) * 3 + 2 - j] : f[i * 3 + j];
+            for (int j = 0; j < 3; j++) { /* G g */
+                t[0][j] = g[0][j];
+                t[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
+                t[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
+                t[3][j] = g[2][j];
+            }
+            float *out = u + (flip ? c * cols + k : k * cols + c);
+            const int64_t ps = rows * cols;
+            for (int i = 0; i < 4; i++) { /* (G g) G^T */
+                out[(4 * i) * ps] = t[i][0];
+                out[(4 * i + 1) * ps] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+                out[(4 * i + 2) * ps] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+                out[(4 * i + 3) * ps] = t[i][2];
+            }
+        }
+}
+
+/* The adjoint of winograd_weight_transform (no flip): grad_w[k][c] = G^T du[k][c] G. */
+void winograd_weight_grad_transform(const float *du, int64_t out_channels, int64_t channels,
+                                    float *grad_w) {
+    const int64_t ps = out_channels * channels;
+    for (int64_t k = 0; k < out_channels; k++)
+        for (int64_t c = 0; c < channels; c++) {
+            const float *d = du + k * channels + c;
+            float t[4][3];
+            for (int i = 0; i < 4; i++) { /* du G */
+                float d0 = d[(4 * i) * ps], d1 = d[(4 * i + 1) * ps];
+                float d2 = d[(4 * i + 2) * ps], d3 = d[(4 * i + 3) * ps];
+                t[i][0] = d0 + 0.5f * (d1 + d2);
+                t[i][1] = 0.5f * (d1 - d2);
+                t[i][2] = 0.5f * (d1 + d2) + d3;
+            }
+            float *out = grad_w + (k * channels + c) * 9;
+            for (int j = 0; j < 3; j++) { /* G^T (du G) */
+                out[j] = t[0][j] + 0.5f * (t[1][j] + t[2][j]);
+                out[3 + j] = 0.5f * (t[1][j] - t[2][j]);
+                out[6 + j] = 0.5f * (t[1][j] + t[2][j]) + t[3][j];
+            }
+        }
+}
+
 const char *winograd_isa(void) {
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
     __builtin_cpu_init();

@@ -50,6 +50,13 @@ void winograd_grad_transform(const float *grad, int64_t out_channels, const Wino
  * the padding). ld must be at least this. */
 int64_t winograd_padded(int64_t slots);
 
+/* The filters' transform u = G w G^T, (16, C_out, C_in); flip: of the flipped, transposed
+ * filters (16, C_in, C_out), the input gradient's. And its adjoint, the weight gradient. */
+void winograd_weight_transform(const float *w, int64_t out_channels, int64_t channels,
+                               int flip, float *u);
+void winograd_weight_grad_transform(const float *du, int64_t out_channels, int64_t channels,
+                                    float *grad_w);
+
 /* Which compiled variant of the transforms this CPU runs. */
 const char *winograd_isa(void);
 
