@@ -4,10 +4,14 @@ Environment switches (read at build time):
   FASTCONV_DEBUG=1   Cython bounds checks on and -fsanitize=address,undefined (see README)
   FASTCONV_NATIVE=1  -march=native (a wheel built this way only runs on CPUs like the builder's)
   FASTCONV_NO_OPENMP=1  build single-threaded even if the compiler has OpenMP
+On Windows the build uses MSVC (as CPython's own builds do) with /O2 and /openmp; the debug and
+native switches are gcc/clang only there.
 """
 
+import glob
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -18,12 +22,17 @@ from setuptools import Extension, setup
 KERNELS = ["_conv", "_pool", "_norm"]  # src/<name>.pyx -> fastconv.<name>
 # Hand-written C compiled into a kernel module beside its .pyx.
 C_SOURCES = {"_conv": ["src/winograd.c"]}
+# Every kernel rebuilds when a shared declaration or C header changes.
+DEPENDS = sorted(glob.glob("src/*.pxd") + glob.glob("src/*.h"))
+MSVC = sys.platform == "win32"
 
 
 def compiler_has_openmp() -> bool:
     """Compile a tiny OpenMP program: the only reliable test of the toolchain at hand."""
     if os.environ.get("FASTCONV_NO_OPENMP") == "1":
         return False
+    if MSVC:
+        return True  # every MSVC has /openmp (OpenMP 2.0, all that Cython's prange needs)
     cc = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "omp.c")
@@ -53,12 +62,15 @@ if os.environ.get("FASTCONV_NATIVE") == "1":
 if openmp:
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
+if MSVC:  # the flags above are gcc/clang's; MSVC's default floating point does not trap already
+    compile_args = ["/O2", "/openmp"] if openmp else ["/O2"]
+    link_args = []
 
 extensions = [
     Extension(
         f"fastconv.{name}",
         [f"src/{name}.pyx", *C_SOURCES.get(name, [])],
-        depends=["src/common.pxd", "src/pooling.pxd", "src/winograd.h"],
+        depends=DEPENDS,
         include_dirs=[np.get_include(), "src"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
