@@ -4,10 +4,14 @@ Environment switches (read at build time):
   FASTCONV_DEBUG=1   Cython bounds checks on and -fsanitize=address,undefined (see README)
   FASTCONV_NATIVE=1  -march=native (a wheel built this way only runs on CPUs like the builder's)
   FASTCONV_NO_OPENMP=1  build single-threaded even if the compiler has OpenMP
+On Windows the build uses MSVC (as CPython's own builds do) with /O2 and /openmp; the debug and
+native switches are gcc/clang only there.
 """
 
+import glob
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -23,12 +27,17 @@ C_SOURCES = {
     ],
     "_pool": ["src/max_pool_2x2.c"],
 }
+# Every kernel rebuilds when a shared declaration or C header changes.
+DEPENDS = sorted(glob.glob("src/*.pxd") + glob.glob("src/*.h"))
+MSVC = sys.platform == "win32"
 
 
 def compiler_has_openmp() -> bool:
     """Compile a tiny OpenMP program: the only reliable test of the toolchain at hand."""
     if os.environ.get("FASTCONV_NO_OPENMP") == "1":
         return False
+    if MSVC:
+        return True  # every MSVC has /openmp (OpenMP 2.0, all that Cython's prange needs)
     cc = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "omp.c")
@@ -42,13 +51,20 @@ def compiler_has_openmp() -> bool:
 
 
 def compiler_accepts(flag: str) -> bool:
+    """Whether gcc/clang (CC) compiles with `flag` (False for MSVC or no compiler found)."""
+    if MSVC:
+        return False
     cc = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "empty.c")
         with open(source, "w") as f:
             f.write("int main(void){return 0;}\n")
-        result = subprocess.run([cc, flag, "-c", source, "-o", os.path.join(tmp, "empty.o")],
-                                capture_output=True)
+        try:
+            result = subprocess.run(
+                [cc, flag, "-c", source, "-o", os.path.join(tmp, "empty.o")], capture_output=True
+            )
+        except OSError:
+            return False
     return result.returncode == 0
 
 
@@ -72,15 +88,15 @@ if os.environ.get("FASTCONV_NATIVE") == "1":
 if openmp:
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
+if MSVC:  # the flags above are gcc/clang's; MSVC's default floating point does not trap already
+    compile_args = ["/O2", "/openmp"] if openmp else ["/O2"]
+    link_args = []
 
 extensions = [
     Extension(
         f"fastconv.{name}",
         [f"src/{name}.pyx", *C_SOURCES.get(name, [])],
-        depends=[
-            "src/common.pxd", "src/pooling.pxd", "src/winograd.h", "src/max_pool_2x2.h",
-            "src/im2col.h", "src/microkernels.h",
-        ],
+        depends=DEPENDS,
         include_dirs=[np.get_include(), "src"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

@@ -17,6 +17,7 @@
 #define FASTCONV_MULTIVERSION
 #endif
 
+#if defined(__GNUC__)
 typedef float vfloat __attribute__((vector_size(64)));
 #define LANES 16
 
@@ -75,6 +76,16 @@ static inline __attribute__((always_inline)) void store(float *p, vfloat v) { me
         }                                                                                      \
     }                                                                                          \
     }
+
+#else /* MSVC: no vector extensions; plain loops the compiler may vectorise, same results */
+#define PRODUCTS_BODY(ROW)                                                                     \
+    for (int64_t k = 0; k < out_channels; k++)                                                 \
+        for (int64_t j = 0; j < columns; j++) {                                                \
+            float s = 0;                                                                       \
+            for (int64_t r = 0; r < taps; r++) s += a[k * taps + r] * ROW(r)[j];               \
+            m[k * ld + j] = s;                                                                 \
+        }
+#endif
 
 FASTCONV_MULTIVERSION
 void rows_product(const float *a, const float *v, float *m, int64_t out_channels, int64_t taps,
