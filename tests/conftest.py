@@ -21,11 +21,23 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import fastconv
+import fastconv._conv
 
 # Real MNIST / Fashion-MNIST: $FASTCONV_DATA_DIR, else ../shared/data beside the checkout.
 DATA_ROOT = Path(
     os.environ.get("FASTCONV_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
 )
+
+
+# The debug build (.ci/sanitize: bounds checks, ASan, UBSan) runs many times slower: no
+# wall-clock limit applies there, and outside it the limits are generous (they catch a hang or
+# an accidental Python loop, not a slow machine).
+SANITIZED = "sanitize" in (getattr(fastconv._conv, "cflags", "") or "")
+
+
+def wall_clock_limit(seconds: float) -> float:
+    """`seconds`, or no limit (inf) under the sanitizer build."""
+    return float("inf") if SANITIZED else seconds
 
 
 @pytest.fixture(autouse=True, scope="session")

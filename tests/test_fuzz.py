@@ -65,7 +65,7 @@ def worker(examples: int) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from conftest import assert_results_close
+    from conftest import assert_results_close, wall_clock_limit
 
     import fastconv as fc
     from fastconv import reference as ref
@@ -97,7 +97,7 @@ def worker(examples: int) -> None:
         got, error = call(fc, name, args, kwargs)
         elapsed = time.perf_counter() - start
         timings.append((elapsed, description))
-        if elapsed > SLOW_CASE_SECONDS:
+        if elapsed > wall_clock_limit(SLOW_CASE_SECONDS):
             slow.append(description)
         outcome = "result" if error is None else type(error).__name__
         outcomes[(name, outcome)] = outcomes.get((name, outcome), 0) + 1
