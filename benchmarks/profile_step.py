@@ -38,6 +38,7 @@ def main() -> None:
     for cls in (layers.Conv2d, layers.MaxPool2d, layers.ReLU, layers.Linear, layers.Flatten):
         timed(cls, "forward")
         timed(cls, "backward")
+    timed(layers.Conv2d, "forward_pooled")  # Sequential's fused Conv2d + MaxPool2d forward
     for _ in range(5):
         step()
     spent.clear()

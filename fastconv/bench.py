@@ -339,6 +339,53 @@ def cases() -> list[Case]:
     return found
 
 
+# --- checking --------------------------------------------------------------------------------
+
+def _arrays(result):
+    """The arrays of a runner's result, in order (torch tensors as NumPy, None dropped)."""
+    items = result if isinstance(result, (tuple, list)) else (result,)
+    found = []
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            found += _arrays(item)
+        elif item is not None:
+            found.append(np.asarray(item.detach() if hasattr(item, "detach") else item))
+    return found
+
+
+def _lenet_reference(batch):
+    """bench's LeNet (same seeds, same input) run by fastconv.reference, layer by layer."""
+    model = fastconv_lenet()
+    model.eval()
+    p = [layer for layer in model if hasattr(layer, "weight")]
+    x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
+    for conv in p[:2]:
+        x = reference.conv2d(x, conv.weight.data, conv.bias.data, padding=1)
+        x = reference.max_pool2d(np.maximum(x, 0), 2)
+    x = np.maximum(x.reshape(batch, -1) @ p[2].weight.data.T + p[2].bias.data, 0)
+    return x @ p[3].weight.data.T + p[3].bias.data
+
+
+def check(case: Case, runner: Callable[[], object]) -> None:
+    """Raise AssertionError unless runner() gives the reference's arrays (LeNet: its logits; a training step
+    returns nothing to compare and is checked through the inference case of the same model)."""
+    got = _arrays(runner())
+    if case.operation == "LeNet inference":
+        expected = [_lenet_reference(int(case.shape.split()[-1]))]
+    elif case.operation.startswith("LeNet"):
+        return
+    else:
+        expected = _arrays(case.make("reference")())
+    if len(got) != len(expected):
+        raise AssertionError(f"{case.operation}: {len(got)} results, the reference gives {len(expected)}")
+    for k, (a, e) in enumerate(zip(got, expected)):
+        if a.shape != e.shape:
+            raise AssertionError(f"{case.operation}, result {k}: shape {a.shape} != {e.shape}")
+        scale = max(float(np.abs(e).max()), 1.0) if e.size else 1.0
+        tol = 1e-4 * scale if e.dtype.kind == "f" else 0
+        np.testing.assert_allclose(a, e, rtol=0, atol=tol, err_msg=f"{case.operation}, result {k}")
+
+
 # --- measuring -------------------------------------------------------------------------------
 
 def time_call(run: Callable[[], object], budget: float = 0.3, min_runs: int = 5) -> float:
@@ -389,6 +436,8 @@ def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, sele
         # whatever ran next.
         for backend in backends:
             runner = case.make(backend)
+            if runner is not None and backend != "reference":
+                check(case, runner)  # a fast wrong kernel is a failure, not a speed-up
             row[f"{backend}_ms"] = None if runner is None else time_call(runner, budget) * 1e3
         ours, ref, other, ort = (row.get(f"{b}_ms") for b in BACKENDS)
         row["speedup_vs_reference"] = ref / ours if ref and ours else None

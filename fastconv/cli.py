@@ -241,7 +241,8 @@ def add_serve_parser(commands, threads) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; "
                         "0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=non_negative_int, default=8000,
+                   help="port (default: 8000; 0: any free port, the address is printed)")
     p.add_argument("--max-body", type=positive_int, metavar="BYTES",
                    help="largest image accepted, in bytes (default: 5242880, 5 MiB)")
     p.set_defaults(func=cmd_serve)

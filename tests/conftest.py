@@ -9,6 +9,7 @@ default import mode, and for `python tests/test_fuzz.py`).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -20,11 +21,23 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import fastconv
+import fastconv._conv
 
 # Real MNIST / Fashion-MNIST: $FASTCONV_DATA_DIR, else ../shared/data beside the checkout.
 DATA_ROOT = Path(
     os.environ.get("FASTCONV_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
 )
+
+
+# The debug build (.ci/sanitize: bounds checks, ASan, UBSan) runs many times slower: no
+# wall-clock limit applies there, and outside it the limits are generous (they catch a hang or
+# an accidental Python loop, not a slow machine).
+SANITIZED = "sanitize" in (getattr(fastconv._conv, "cflags", "") or "")
+
+
+def wall_clock_limit(seconds: float) -> float:
+    """`seconds`, or no limit (inf) under the sanitizer build."""
+    return float("inf") if SANITIZED else seconds
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,6 +49,47 @@ def _outside_the_checkout(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(previous)
+
+
+# Under CI=true every test must run: a skip fails the run unless its reason matches one of these
+# patterns, each skip that is by design even in CI, with why. (CI installs every extra, torch and
+# Chromium, and has the datasets: a missing one is a broken CI, not a reason to skip.)
+CI = os.environ.get("CI", "").lower() == "true"
+EXPECTED_SKIPS: dict[str, str] = {
+    # none yet: add "pattern": "why this skip is right even in CI"
+}
+
+
+def _unexpected_skip(report) -> str | None:
+    """The reason of a skip that CI must not accept, else None."""
+    if not (CI and report.skipped) or hasattr(report, "wasxfail"):
+        return None
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    if any(re.search(pattern, reason) for pattern in EXPECTED_SKIPS):
+        return None
+    return reason
+
+
+def _fail_unexpected_skip(report) -> None:
+    reason = _unexpected_skip(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = (f"skipped under CI=true: {reason}\n(CI runs every test; a skip that "
+                           "is by design goes into EXPECTED_SKIPS in tests/conftest.py)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_unexpected_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module-level importorskip skips at collection: the same rule applies there."""
+    outcome = yield
+    _fail_unexpected_skip(outcome.get_result())
 
 
 # Deterministic runs: the same examples every time, nothing written to .hypothesis/.

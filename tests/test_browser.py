@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from itertools import pairwise
 from pathlib import Path
@@ -43,40 +42,28 @@ ZERO = [[(0.5 + 0.22 * math.sin(2 * math.pi * t / 48), 0.5 - 0.33 * math.cos(2 *
          for t in range(49)]]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url():
-    """`fastconv serve MODEL --port P` in a subprocess, until the module's tests are done."""
+    """`fastconv serve MODEL --port 0` in a subprocess, until the module's tests are done. The
+    server binds port 0 itself and prints its address once it listens: no free-port probe."""
     model = good_model()
-    port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "fastconv", "serve", str(model), "--port", str(port)],
+        [sys.executable, "-m", "fastconv", "serve", str(model), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    address = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(address + "/api/model", timeout=2).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"fastconv serve exited:\n{process.stdout.read()}")
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("fastconv serve did not answer within 60 s")
-            time.sleep(0.2)
-    yield address
-    process.terminate()
     try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        line = process.stdout.readline()  # "serving MODEL at http://127.0.0.1:PORT/ (...)"
+        found = re.search(r" at (http://\S+)/ ", line)
+        if not found:
+            pytest.fail(f"fastconv serve did not start:\n{line}{process.stdout.read()}")
+        urllib.request.urlopen(found.group(1) + "/api/model", timeout=60).close()
+        yield found.group(1)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @pytest.fixture(scope="module")

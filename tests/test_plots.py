@@ -85,8 +85,6 @@ def test_history_from_plain_data(tmp_path, form):
 
 def test_history_plots_itself(tmp_path):
     h = history()
-    if not hasattr(h, "plot"):
-        pytest.skip("History.plot not wired into fastconv.train yet")
     h.plot(tmp_path / "curves.png")
     check_png(tmp_path / "curves.png")
 
@@ -231,17 +229,7 @@ def test_without_matplotlib_the_error_says_how_to_install(monkeypatch, tmp_path)
 # -- the command line ---------------------------------------------------------------------------
 
 
-def _cli_has(command: str, option: str = "") -> bool:
-    from fastconv import cli
-
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices
-    return command in sub and (not option or option in sub[command].format_help())
-
-
 def test_cli_evaluate_plot(model_file, tmp_path):
-    if not _cli_has("evaluate", "--plot"):
-        pytest.skip("fastconv evaluate --plot not wired yet")
     out = tmp_path / "report"
     result = fastconv_command("evaluate", str(model_file), "--data-dir", str(need_mnist()),
                               "--no-download", "--limit", "1000", "--json", "--plot", str(out))
@@ -260,8 +248,6 @@ def test_cli_evaluate_plot(model_file, tmp_path):
 
 
 def test_cli_show(model_file, digits, tmp_path):
-    if not _cli_has("show"):
-        pytest.skip("fastconv show not wired yet")
     pixels, _, _ = digits
     image = tmp_path / "digit.png"
     image.write_bytes(png_bytes(pixels[0], scale=4, invert=True))
@@ -273,8 +259,6 @@ def test_cli_show(model_file, digits, tmp_path):
 
 
 def test_cli_train_plot(tmp_path):
-    if not _cli_has("train", "--plot"):
-        pytest.skip("fastconv train --plot not wired yet")
     out = tmp_path / "model.npz"
     result = fastconv_command("train", "--data-dir", str(need_mnist()), "--no-download",
                               "--quiet", "--out", str(out), "--limit", "600", "--val-size", "200",

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import wall_clock_limit
 from trained_models import fastconv_command, png_bytes, small_model, test_digits
 
 from fastconv import io, serve
@@ -237,7 +238,7 @@ def running(app):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + wall_clock_limit(120)
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
@@ -326,10 +327,13 @@ def test_concurrent_requests_get_the_same_answers(server, digit_files):
                                    rtol=0, atol=1e-6)
 
 
-class SlowModel:
-    """Takes a second per forward pass: shows whether the event loop waits for the model."""
+class BlockedModel:
+    """Blocks in its forward pass until released: shows whether the event loop waits for it."""
 
     training = False
+
+    def __init__(self):
+        self.entered, self.release = threading.Event(), threading.Event()
 
     def eval(self):
         return self
@@ -338,63 +342,102 @@ class SlowModel:
         return self
 
     def __call__(self, x):
-        time.sleep(1.0)
+        self.entered.set()
+        self.release.wait(120)
         return np.zeros((len(x), 10), np.float32)
 
 
 def test_the_model_runs_off_the_event_loop(digit_files):
     meta = {"classes": [str(i) for i in range(10)], "input_shape": [1, 28, 28]}
-    app = serve.create_app(serve.Predictor(SlowModel(), meta))
+    model = BlockedModel()
+    app = serve.create_app(serve.Predictor(model, meta))  # classes given: the model is not run
     with running(app) as address, ThreadPoolExecutor(2) as pool:
         slow = pool.submit(http, address, "POST", "/api/predict", digit_files[0][0].read_bytes())
-        time.sleep(0.3)
-        started = time.monotonic()
-        status, _ = http(address, "GET", "/api/model")
-        assert status == 200 and time.monotonic() - started < 0.5
+        try:
+            assert model.entered.wait(120), "the prediction never reached the model"
+            # the model is still blocked: only a free event loop can answer this
+            assert http(address, "GET", "/api/model", timeout=60)[0] == 200
+        finally:
+            model.release.set()
         assert slow.result()[0] == 200
 
 
 # -- the command ----------------------------------------------------------------------------------
 
 
-def test_fastconv_serve_command(model_file, digit_files):
+@contextmanager
+def serve_command(*args):
+    """`fastconv serve ARGS --port 0` in a subprocess; yields (process, url) once it listens. The
+    server binds port 0 itself and prints the address: no free-port probe that could race."""
+    import re
     import subprocess
     import sys
 
-    from fastconv import cli
-
-    if "serve" not in next(a for a in cli.build_parser()._actions if a.dest == "command").choices:
-        pytest.skip("fastconv serve not wired yet")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "fastconv", "serve", str(model_file), "--port", str(port)],
+        [sys.executable, "-m", "fastconv", "serve", *map(str, args), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, info = http(("127.0.0.1", port), "GET", "/api/model", timeout=2)
-                break
-            except OSError:
-                assert process.poll() is None, process.stdout.read()
-                assert time.monotonic() < deadline, "fastconv serve did not start"
-                time.sleep(0.2)
-        assert status == 200 and info["classes"][0] == "0"
-        path, label = digit_files[0]
-        answer = http(("127.0.0.1", port), "POST", "/api/predict", path.read_bytes())[1]
-        assert answer["class"] == label
+        line = process.stdout.readline()  # printed once the socket is bound; "" if it exits
+        found = re.search(r" at (http://\S+/) ", line)
+        assert found, line + process.stdout.read()
+        yield process, found.group(1)
     finally:
         process.terminate()
-        process.wait(10)
+        process.wait(60)
+
+
+def _address(url):
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def test_fastconv_serve_command(model_file, digit_files):
+    with serve_command(model_file) as (_, url):
+        address = _address(url)
+        assert address[0] == "127.0.0.1" and address[1] > 0
+        status, info = http(address, "GET", "/api/model")
+        assert status == 200 and info["classes"][0] == "0"
+        assert info["max_body"] == serve.MAX_BODY
+        path, label = digit_files[0]
+        answer = http(address, "POST", "/api/predict", path.read_bytes())[1]
+        assert answer["class"] == label
+
+
+def test_serve_command_max_body_refuses_a_larger_image(model_file, digit_files):
+    path, label = digit_files[0]
+    body = path.read_bytes()
+    with serve_command(model_file, "--max-body", len(body) - 1) as (_, url):
+        address = _address(url)
+        assert http(address, "GET", "/api/model")[1]["max_body"] == len(body) - 1
+        status, answer = http(address, "POST", "/api/predict", body)
+        assert status == 413 and "too large" in answer["error"]
+    with serve_command(model_file, "--max-body", len(body)) as (_, url):
+        assert http(_address(url), "POST", "/api/predict", body)[1]["class"] == label
+
+
+def _other_loopback_address():
+    """127.0.0.2 where this machine can bind it (Linux routes all of 127/8 to loopback)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.2", 0))
+        except OSError:
+            return None
+    return "127.0.0.2"
+
+
+def test_serve_command_host_binds_there(model_file):
+    host = _other_loopback_address()
+    if host is None:
+        pytest.skip("this machine cannot bind 127.0.0.2")
+    with serve_command(model_file, "--host", host) as (_, url):
+        address = _address(url)
+        assert address[0] == host
+        assert http(address, "GET", "/api/model")[0] == 200
+        with pytest.raises(OSError):  # not listening on the default address
+            socket.create_connection(("127.0.0.1", address[1]), timeout=10).close()
 
 
 def test_serve_command_errors_are_one_line(tmp_path):
-    from fastconv import cli
-
-    if "serve" not in next(a for a in cli.build_parser()._actions if a.dest == "command").choices:
-        pytest.skip("fastconv serve not wired yet")
     result = fastconv_command("serve", str(tmp_path / "missing.npz"))
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1

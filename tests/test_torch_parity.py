@@ -3,6 +3,8 @@
 Runs where torch is importable (CI installs torch==2.13.0 CPU); skipped, with the reason, elsewhere.
 """
 
+import re
+
 import numpy as np
 import pytest
 from conftest import (
@@ -206,6 +208,42 @@ INVALID = {
 }
 
 
+# What both refusals must say (a case-insensitive regex matching torch's message and ours): the
+# same argument or the same rule, so that refusing for another reason does not pass.
+TOO_SMALL = r"output size.*too small"
+THREE_OR_FOUR_D = r"3-?D.*4-?D"
+KERNEL_TOO_BIG = r"kernel size can't be greater"
+MESSAGE_KIND = {
+    "'same' with stride 2": r"'same'.*strided",
+    "unknown padding string": r"padding",
+    "conv kernel > padded input": KERNEL_TOO_BIG,
+    "conv dilated kernel > input": KERNEL_TOO_BIG,
+    "conv channel mismatch": r"2 (input )?channels",
+    "conv groups not dividing C_out": r"divisible by (groups=)?2",
+    "conv negative padding": r"padding",
+    "conv stride 0": r"stride",
+    "conv dilation 0": r"dilation",
+    "conv 2-D input": THREE_OR_FOUR_D,
+    "conv float32 weight, float64 input": r"float",
+    "max pool padding > kernel/2": r"at most half",
+    "avg pool padding > kernel/2": r"at most half",
+    "max pool kernel > input": TOO_SMALL,
+    "avg pool kernel > input": TOO_SMALL,
+    "max pool too small with ceil_mode": TOO_SMALL,
+    "avg pool too small with ceil_mode": TOO_SMALL,
+    "max pool dilated window > input": TOO_SMALL,
+    "max pool stride 0": r"stride",
+    # torch's stride defaults to the kernel size, so it names the stride; we name kernel_size
+    "max pool kernel 0": r"kernel_size|stride",
+    "max pool empty channels": r"1, 0, 6, 6",
+    "max pool 2-D input": THREE_OR_FOUR_D,
+    "unfold kernel > padded input": r"kernel[_ ]size.*\(6[ x,]+6\)",
+    "fold wrong L": r"output_size=\(4, 4\)",
+    "fold rows not a multiple of k*k": r"kernel_size",
+    "fold output_size < kernel": r"output_size",
+}
+
+
 def _torch_call(name, args, kwargs):
     args = [tensor(a) if isinstance(a, np.ndarray) else a for a in args]
     return getattr(F, name)(*args, **kwargs)
@@ -214,10 +252,14 @@ def _torch_call(name, args, kwargs):
 @pytest.mark.parametrize("case", INVALID)
 def test_torch_and_fastconv_refuse_the_same_configurations(case):
     name, args, kwargs = INVALID[case]
-    with pytest.raises((RuntimeError, ValueError, TypeError, IndexError)):
+    with pytest.raises((RuntimeError, ValueError, TypeError, IndexError)) as theirs:
         _torch_call(name, args, kwargs)
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises((ValueError, TypeError)) as ours:
         getattr(fc, name)(*args, **kwargs)
+    kind = MESSAGE_KIND[case]
+    for who, info in (("torch", theirs), ("fastconv", ours)):
+        assert re.search(kind, str(info.value), re.IGNORECASE | re.DOTALL), (
+            f"{who}'s message does not match {kind!r}: {info.value}")
 
 
 VALID = {

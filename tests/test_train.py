@@ -185,17 +185,23 @@ def test_ctrl_c_saves_a_checkpoint_at_a_step_boundary(tmp_path):
     def interrupting_augment(batch, rng):
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # handled at the end of this step
+            # raise_signal delivers to this thread and runs the handler before returning;
+            # os.kill(os.getpid()) may be delivered to another thread and handled a step later.
+            signal.raise_signal(signal.SIGINT)
         return batch
 
+    before = signal.getsignal(signal.SIGINT)
     trainer = toy_trainer(tmp_path, augment=interrupting_augment)
     with pytest.raises(TrainingInterrupted) as stop:
         trainer.fit(x, y, epochs=2)
     assert stop.value.checkpoint == tmp_path / "run.ckpt.npz"
-    assert (stop.value.epoch, stop.value.step) == (0, 3)
+    assert (stop.value.epoch, stop.value.step) == (0, len(calls)) == (0, 3)  # the step it came in
     ckpt = io.load_checkpoint(tmp_path / "run.ckpt.npz")
     assert (ckpt.epoch, ckpt.step) == (0, 3)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    saved = ckpt.build_model().state_dict()
+    for key, value in trainer.model.state_dict().items():  # the weights after step 3
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
 def test_failed_checkpoint_warns_keeps_the_old_one_and_continues(tmp_path, monkeypatch):
