@@ -81,9 +81,9 @@ static inline __attribute__((always_inline)) void store(float *p, vfloat v) { me
 #define PRODUCTS_BODY(ROW)                                                                     \
     for (int64_t k = 0; k < out_channels; k++)                                                 \
         for (int64_t j = 0; j < columns; j++) {                                                \
-            float s = 0;                                                                       \
+            double s = 0; /* one running sum: in double, to round no worse than BLAS */ \
             for (int64_t r = 0; r < taps; r++) s += a[k * taps + r] * ROW(r)[j];               \
-            m[k * ld + j] = s;                                                                 \
+            m[k * ld + j] = (float)s;                                                          \
         }
 #endif
 
