@@ -3,12 +3,7 @@
  * a masked vector copy instead of a scalar loop. */
 #include "im2col.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FASTCONV_MULTIVERSION \
-    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCONV_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 /* Output positions o in [*lo, *hi) with 0 <= o * stride + offset < size. */
 static void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t count, int64_t *lo,

@@ -1,12 +1,7 @@
 /* See max_pool_2x2.h. Compiled per ISA like winograd.c (AVX-512, AVX2, baseline clones). */
 #include "max_pool_2x2.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FASTCONV_MULTIVERSION \
-    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCONV_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 /* Selects, not branches: on random data "if greater" mispredicts half the time. */
 #define MAX_POOL_2X2(NAME, T)                                                                  \

@@ -10,12 +10,7 @@
 
 #include "microkernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FASTCONV_MULTIVERSION \
-    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCONV_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 #if defined(__GNUC__)
 typedef float vfloat __attribute__((vector_size(64)));

@@ -3,18 +3,13 @@
  * The transforms are additions only and memory-bound: each stages the block's rows of tiles in
  * flat buffers and combines them in long contiguous loops the compiler vectorises. On x86-64
  * Linux with GCC or clang every function is compiled three times (AVX-512, AVX2, baseline
- * SSE2) and the loader picks the best one for the CPU, so one build runs everywhere.
+ * SSE2; see multiversion.h).
  *
  *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]      A^T = [1 1 1 0; 0 1 -1 -1]
  */
 #include "winograd.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FASTCONV_MULTIVERSION \
-    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCONV_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 /* The inner loops are short (a row of tiles) and write through several pointers: without the
  * promise that they do not overlap, GCC keeps them scalar. */
