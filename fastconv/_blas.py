@@ -8,6 +8,9 @@ link a plain CBLAS. When no GEMM symbol is found, functional falls back to NumPy
 from __future__ import annotations
 
 import ctypes
+import os
+
+from . import _conv
 
 # (sgemm symbol, dgemm symbol, 64-bit integers), most specific first
 _CANDIDATES = [
@@ -52,3 +55,20 @@ def find_gemm() -> tuple[int, int, bool, int, str] | None:
                 path,
             )
     return None
+
+
+_kernels_call_blas: bool | None = None
+
+
+def kernels_call_blas() -> bool:
+    """Whether the kernels call BLAS themselves (else each batch chunk goes through np.matmul).
+
+    Decided once, on first use: FASTCONV_BLAS=numpy forces the matmul path.
+    """
+    global _kernels_call_blas
+    if _kernels_call_blas is None:
+        found = None if os.environ.get("FASTCONV_BLAS") == "numpy" else find_gemm()
+        if found is not None:
+            _conv.use_blas(*found[:4])
+        _kernels_call_blas = found is not None
+    return _kernels_call_blas

@@ -176,18 +176,7 @@ def _finish(out, unbatched):
     return out[0] if unbatched else out
 
 
-def _blas_in_kernels() -> bool:
-    """Whether the kernels call BLAS themselves (else each batch chunk goes through np.matmul)."""
-    global _kernel_blas
-    if _kernel_blas is None:
-        found = None if os.environ.get("FASTCONV_BLAS") == "numpy" else _blas.find_gemm()
-        if found is not None:
-            _conv.use_blas(*found[:4])
-        _kernel_blas = found is not None
-    return _kernel_blas
-
-
-_kernel_blas: bool | None = None
+_blas_in_kernels = _blas.kernels_call_blas
 
 
 def _batch_chunks(n: int, per_sample: int, itemsize: int):

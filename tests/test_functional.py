@@ -17,7 +17,7 @@ from conftest import (
 from hypothesis import given, settings
 
 import fastconv as fc
-from fastconv import functional
+from fastconv import _blas, functional
 from fastconv import reference as ref
 
 EXAMPLES = 80
@@ -335,7 +335,7 @@ def test_workspace_does_not_grow_with_the_batch(workspace_limit):
 @pytest.fixture
 def numpy_matmul_path(monkeypatch):
     """Force the fallback that multiplies batch chunks with np.matmul (when BLAS is not found)."""
-    monkeypatch.setattr(functional, "_kernel_blas", False)
+    monkeypatch.setattr(_blas, "_kernels_call_blas", False)
 
 
 def test_small_workspace_limit_splits_the_batch_into_chunks(workspace_limit, numpy_matmul_path, monkeypatch):
@@ -363,7 +363,7 @@ def test_small_workspace_limit_splits_the_batch_into_chunks(workspace_limit, num
 @pytest.mark.parametrize("limit", [1, 5000, 10**6])
 def test_results_do_not_depend_on_the_workspace_limit(workspace_limit, monkeypatch, path, limit):
     if path == "numpy matmul":
-        monkeypatch.setattr(functional, "_kernel_blas", False)
+        monkeypatch.setattr(_blas, "_kernels_call_blas", False)
     workspace_limit(limit)
     x, weight = random_array(0, (5, 4, 7, 6), np.float32), random_array(1, (6, 2, 3, 2), np.float32)
     kwargs = dict(padding=(1, 0), stride=(2, 1), dilation=(1, 2), groups=2)

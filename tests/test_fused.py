@@ -13,7 +13,7 @@ from conftest import assert_close, conv_cases, random_array
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fastconv import functional, nn
+from fastconv import _blas, functional, nn
 from fastconv import reference as ref
 
 EXAMPLES = min(int(os.environ.get("FASTCONV_FUZZ_EXAMPLES", "300")), 1000)
@@ -67,7 +67,7 @@ def fused_spy():
 
 def fuses() -> bool:
     """Where the fusion applies at all (batched input, BLAS called from the kernels)."""
-    return functional._blas_in_kernels()
+    return _blas.kernels_call_blas()
 
 
 @settings(max_examples=EXAMPLES)
