@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _args, _blas, _conv, _norm, _pool
 from .threads import get_num_threads
@@ -39,7 +42,7 @@ def workspace_limit() -> int:
     return _workspace_limit
 
 
-def _workspace(dtype, *shapes):
+def _workspace(dtype: npt.DTypeLike, *shapes: tuple[int, ...]) -> list[np.ndarray]:
     """Views of one reused buffer, 64-byte aligned each: no page faults on every call."""
     itemsize = np.dtype(dtype).itemsize
     sizes = [int(np.prod(s)) * itemsize for s in shapes]
@@ -61,7 +64,7 @@ def _workspace(dtype, *shapes):
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 
 
-def _checked_algorithm(name: str, value) -> str:
+def _checked_algorithm(name: str, value: str) -> str:
     if value not in CONV_ALGORITHMS:
         raise ValueError(f"{name}: expected one of {', '.join(CONV_ALGORITHMS)}, got {value!r}")
     return value
@@ -90,7 +93,8 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MAX_CHANNELS = 128
 
 
-def conv2d_algorithm(geometry, out_channels: int, groups: int, dtype) -> str:
+def conv2d_algorithm(geometry: _args.ConvGeometry, out_channels: int, groups: int,
+                     dtype: npt.DTypeLike) -> str:
     """"winograd" or "direct": what conv2d and conv2d_backward run for this convolution."""
     g = geometry
     applies = (
@@ -107,14 +111,14 @@ def conv2d_algorithm(geometry, out_channels: int, groups: int, dtype) -> str:
     return "winograd" if pays else "direct"
 
 
-def _all_finite(*arrays) -> bool:
+def _all_finite(*arrays: np.ndarray) -> bool:
     """Winograd's transforms subtract inputs from each other, so an inf becomes inf - inf = NaN
     where the direct sum keeps torch's inf: such inputs take the direct path. One summing pass
     (a sum that overflows also sends them there, which is safe)."""
     return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays)
 
 
-def _winograd_weight(weight, flip=False):
+def _winograd_weight(weight: np.ndarray, flip: bool = False) -> np.ndarray:
     """(C_out, C_in, 3, 3) -> (16, C_out, C_in), point 4i + j of G w G^T; flip: (16, C_in, C_out)
     of the flipped, transposed filters (the input gradient's)."""
     c_out, c_in = weight.shape[:2]
@@ -123,7 +127,8 @@ def _winograd_weight(weight, flip=False):
     return u
 
 
-def _winograd_block(n, args, c_in, c_out, threads):
+def _winograd_block(n: int, args: tuple[int, int, int, int], c_in: int, c_out: int,
+                    threads: int) -> int:
     """Rows of tiles per block: a block's transformed input and products (~1 MiB) stay in L2,
     and the blocks split evenly between the threads."""
     out_h, out_w = args[2:]
@@ -133,11 +138,13 @@ def _winograd_block(n, args, c_in, c_out, threads):
     return max(1, _ceil_div(rows, blocks))
 
 
-def _ceil_div(a, b):
+def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _winograd_conv2d(x, u, bias, out, args, threads, indices=None, pool=0):
+def _winograd_conv2d(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
+                     args: tuple[int, int, int, int], threads: int,
+                     indices: np.ndarray | None = None, pool: int = 0) -> None:
     """out = conv2d(x) given u = _winograd_weight(weight); args: (pad_top, pad_left, out_h, out_w).
 
     pool 1 or 2: out = max_pool2d(conv2d(x), 2) instead (2: with its indices)."""
@@ -153,7 +160,7 @@ def _winograd_conv2d(x, u, bias, out, args, threads, indices=None, pool=0):
     )
 
 
-def _shifted(g, groups, dtype) -> bool:
+def _shifted(g: _args.ConvGeometry, groups: int, dtype: npt.DTypeLike) -> bool:
     """Whether the direct path runs on the shifted-view micro-kernel (no im2col copy)."""
     return (
         g.stride == (1, 1) and g.dilation == (1, 1) and groups == 1
@@ -161,7 +168,8 @@ def _shifted(g, groups, dtype) -> bool:
     )
 
 
-def _direct_workspace(g, c_out, groups, dtype, threads, *extra):
+def _direct_workspace(g: _args.ConvGeometry, c_out: int, groups: int, dtype: npt.DTypeLike,
+                      threads: int, *extra: tuple[int, ...]) -> tuple[Any, ...]:
     """(shifts, shifted, workspace, *extra views) for conv2d_forward and the fused conv + pool."""
     if _shifted(g, groups, dtype):
         shifts = np.empty(g.patch_size, np.int64)
@@ -172,20 +180,28 @@ def _direct_workspace(g, c_out, groups, dtype, threads, *extra):
     return (shifts, False, *_workspace(dtype, (threads, g.patch_size, g.out_h * g.out_w), *extra))
 
 
-def _finish(out, unbatched):
+def _finish(out: np.ndarray, unbatched: bool) -> np.ndarray:
     return out[0] if unbatched else out
 
 
 _blas_in_kernels = _blas.kernels_call_blas
 
 
-def _batch_chunks(n: int, per_sample: int, itemsize: int):
+def _batch_chunks(n: int, per_sample: int, itemsize: int) -> list[tuple[int, int]]:
     """(start, count) pairs so that count samples' workspace fits the workspace limit."""
     chunk = max(1, min(n, _workspace_limit // max(per_sample * itemsize, 1)))
     return [(n0, min(chunk, n - n0)) for n0 in range(0, n, chunk)]
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    bias: npt.ArrayLike | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> np.ndarray:
     """2-D convolution (cross-correlation) of x (N, C_in, H, W) with weight (C_out, C_in/groups, kH, kW).
 
     Returns (N, C_out, H_out, W_out); padding may be an int, a pair, 'valid' or 'same'.
@@ -219,7 +235,17 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _finish(out, a.unbatched)
 
 
-def _conv2d_max_pool2d(input, weight, bias, stride, padding, dilation, groups, pool, with_indices):
+def _conv2d_max_pool2d(
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    bias: npt.ArrayLike | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: int | tuple[int, int],
+    groups: int,
+    pool: tuple[Any, ...],
+    with_indices: bool,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int]] | None:
     """max_pool2d(conv2d(x), *pool) in one pass, pooling each sample's output in cache.
 
     pool: (kernel_size, stride, padding, dilation, ceil_mode) as max_pool2d takes them. Returns
@@ -244,7 +270,7 @@ def _conv2d_max_pool2d(input, weight, bias, stride, padding, dilation, groups, p
         if window != (2, 2, (2, 2), 0, 0, (1, 1)) or (p.out_h, p.out_w) != (g.out_h // 2, g.out_w // 2):
             return None
         out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
-        indices = np.empty(out.shape, dtype=np.int64) if with_indices else None
+        indices: np.ndarray | None = np.empty(out.shape, np.int64) if with_indices else None
         args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
         _winograd_conv2d(a.x, _winograd_weight(w), bias, out, args, threads, indices,
                          2 if with_indices else 1)
@@ -263,8 +289,17 @@ def _conv2d_max_pool2d(input, weight, bias, stride, padding, dilation, groups, p
     return out, (indices if with_indices else None), conv_shape
 
 
-def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
-                    output_mask=(True, True, True)):
+def conv2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    output_mask: Sequence[bool] = (True, True, True),
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """Gradients of conv2d w.r.t. (input, weight, bias), as torch autograd computes them.
 
     output_mask (keyword only, as torch's convolution_backward) skips the gradients not needed,
@@ -305,17 +340,19 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
             if want_weight:
                 _conv.im2col(a.x[n0: n0 + count], flat_cols, g.kernel_args, threads)
                 grad_weight += np.matmul(grad_chunk, cols.transpose(0, 1, 3, 2)).sum(axis=0)
-            if want_input:
+            if grad_input is not None:  # want_input
                 np.matmul(weight_by_group.transpose(0, 2, 1), grad_chunk, out=cols)
                 _conv.col2im(flat_cols, grad_input[n0: n0 + count], g.kernel_args, threads)
     return (
-        _finish(grad_input, a.unbatched) if want_input else None,
-        grad_weight.reshape(w.shape) if want_weight else None,
+        _finish(grad_input, a.unbatched) if grad_input is not None else None,  # want_input
+        grad_weight.reshape(w.shape) if want_weight and grad_weight is not None else None,
         grad.sum(axis=(0, 2)) if want_bias else None,
     )
 
 
-def _winograd_conv2d_backward(grad, x, weight, g, grad_input, want_weight, threads):
+def _winograd_conv2d_backward(grad: np.ndarray, x: np.ndarray, weight: np.ndarray,
+                              g: _args.ConvGeometry, grad_input: np.ndarray | None,
+                              want_weight: bool, threads: int) -> np.ndarray | None:
     """conv2d_backward by Winograd: fills grad_input (unless None), returns the weight gradient.
 
     The weight gradient is the adjoint of the forward's products, point by point; the input
@@ -339,12 +376,60 @@ def _winograd_conv2d_backward(grad, x, weight, g, grad_input, want_weight, threa
     return grad_weight
 
 
-def _planes(array, g):
+def _planes(array: np.ndarray, g: _args.ConvGeometry) -> np.ndarray:
     return array.reshape(g.n * g.c_in, *array.shape[2:])
 
 
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    return_indices: Literal[False] = False,
+) -> np.ndarray: ...
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    *,
+    return_indices: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None,
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    ceil_mode: bool,
+    return_indices: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Max pooling of x (N, C, H, W); indices (if asked) are flat positions in each H * W plane."""
     a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     g = a.geometry
@@ -361,8 +446,16 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     return _finish(out, a.unbatched)
 
 
-def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, dilation=1,
-                        ceil_mode=False, indices=None):
+def max_pool2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    indices: npt.ArrayLike | None = None,
+) -> np.ndarray:
     """Gradient of max_pool2d w.r.t. x; recomputes the indices when they are not given."""
     a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     g = a.geometry
@@ -386,7 +479,8 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
     return _finish(grad_input, a.unbatched)
 
 
-def _max_pool2d_backward_from_indices(grad_output, indices, input_shape):
+def _max_pool2d_backward_from_indices(grad_output: npt.ArrayLike, indices: np.ndarray,
+                                      input_shape: tuple[int, ...]) -> np.ndarray:
     """max_pool2d_backward for layers that kept only the indices (the fused conv + pool)."""
     grad = _args.float_array("grad_output", grad_output)
     if grad.shape != indices.shape or len(input_shape) != 4 or indices.shape[:2] != tuple(input_shape[:2]):
@@ -404,7 +498,14 @@ def _max_pool2d_backward_from_indices(grad_output, indices, input_shape):
     return grad_input
 
 
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+def avg_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> np.ndarray:
     """Average pooling of x (N, C, H, W) with torch's divisor rules."""
     a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
@@ -415,8 +516,15 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     return _finish(out, a.unbatched)
 
 
-def avg_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                        count_include_pad=True):
+def avg_pool2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> np.ndarray:
     """Gradient of avg_pool2d w.r.t. x."""
     a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
@@ -430,7 +538,13 @@ def avg_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
     return _finish(grad_input, a.unbatched)
 
 
-def unfold(input, kernel_size, dilation=1, padding=0, stride=1):
+def unfold(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    dilation: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    stride: int | tuple[int, int] = 1,
+) -> np.ndarray:
     """im2col: (N, C, H, W) -> (N, C * kH * kW, L) sliding blocks, as torch.nn.functional.unfold."""
     x4, g, unbatched = _args.unfold_args(input, kernel_size, dilation, padding, stride)
     cols = np.empty((g.n, g.patch_size, g.out_h * g.out_w), dtype=x4.dtype)
@@ -438,7 +552,14 @@ def unfold(input, kernel_size, dilation=1, padding=0, stride=1):
     return _finish(cols, unbatched)
 
 
-def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
+def fold(
+    input: npt.ArrayLike,
+    output_size: int | tuple[int, int],
+    kernel_size: int | tuple[int, int],
+    dilation: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    stride: int | tuple[int, int] = 1,
+) -> np.ndarray:
     """col2im: sums (N, C * kH * kW, L) blocks into (N, C, *output_size), as torch's fold."""
     cols, g, unbatched = _args.fold_args(input, output_size, kernel_size, dilation, padding, stride)
     out = np.empty((g.n, g.c_in, g.h, g.w), dtype=cols.dtype)
@@ -446,8 +567,16 @@ def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     return _finish(out, unbatched)
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+def batch_norm(
+    input: npt.ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: npt.ArrayLike | None = None,
+    bias: npt.ArrayLike | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> np.ndarray:
     """Batch normalisation over axis 1 of (N, C, ...), as torch.nn.functional.batch_norm.
 
     training=True normalises with the batch's statistics and, when running_mean/running_var are
@@ -456,7 +585,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def _batch_norm(
+    input: npt.ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: npt.ArrayLike | None,
+    bias: npt.ArrayLike | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """batch_norm, also returning the (mean, invstd) that batch_norm_backward needs."""
     a = _args.batch_norm_args(input, running_mean, running_var, weight, bias, training)
     channels = a.x.shape[1]
@@ -466,7 +604,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     out = np.empty_like(a.x)
     _norm.batch_norm_forward(a.x, out, a.weight, a.bias, mean, var, invstd, bool(training),
                              float(eps), get_num_threads())
-    if training and running_mean is not None:
+    if training and running_mean is not None and running_var is not None:  # both or neither
         count = a.x.size // channels
         running_mean *= 1 - momentum
         running_mean += (momentum * mean).astype(running_mean.dtype)
@@ -475,8 +613,17 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     return out.reshape(a.shape), mean, invstd
 
 
-def batch_norm_backward(grad_output, input, weight=None, running_mean=None, running_var=None,
-                        training=False, eps=1e-5, *, output_mask=(True, True, True)):
+def batch_norm_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike | None = None,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    training: bool = False,
+    eps: float = 1e-5,
+    *,
+    output_mask: Sequence[bool] = (True, True, True),
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """Gradients of batch_norm w.r.t. (input, weight, bias), as torch autograd gives them."""
     a = _args.batch_norm_args(input, running_mean, running_var, weight, None, training)
     if training:
@@ -491,7 +638,14 @@ def batch_norm_backward(grad_output, input, weight=None, running_mean=None, runn
     return _batch_norm_backward(grad_output, a, mean, invstd, training, output_mask)
 
 
-def _batch_norm_backward(grad_output, a, mean, invstd, training, output_mask):
+def _batch_norm_backward(
+    grad_output: npt.ArrayLike,
+    a: _args.NormArgs | tuple[npt.ArrayLike, npt.ArrayLike | None],
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    training: bool,
+    output_mask: Sequence[bool],
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """batch_norm_backward given the forward's statistics; `a` is _args.NormArgs or (x, weight)."""
     if isinstance(a, tuple):
         a = _args.batch_norm_args(a[0], None, None, a[1], None, training, statistics_given=True)
@@ -511,3 +665,4 @@ def _batch_norm_backward(grad_output, a, mean, invstd, training, output_mask):
         grad_weight.astype(dtype) if output_mask[1] else None,
         grad_bias.astype(dtype) if output_mask[2] else None,
     )
+

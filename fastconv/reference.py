@@ -7,7 +7,11 @@ the same code as the compiled path (fastconv._args), so both accept and refuse t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Literal, overload
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _args
 
@@ -17,7 +21,8 @@ __all__ = [
 ]
 
 
-def _pad(x, g, value=0.0, extra_h=0, extra_w=0):
+def _pad(x: np.ndarray, g: _args.ConvGeometry, value: float = 0.0, extra_h: int = 0,
+         extra_w: int = 0) -> np.ndarray:
     """Pad (N, C, H, W) by the geometry's pads, plus enough at the bottom/right for every window."""
     bottom = max(0, (g.out_h - 1) * g.stride[0] + g.dilation[0] * (g.kh - 1) + 1 - g.h - g.pad_top)
     right = max(0, (g.out_w - 1) * g.stride[1] + g.dilation[1] * (g.kw - 1) + 1 - g.w - g.pad_left)
@@ -25,7 +30,7 @@ def _pad(x, g, value=0.0, extra_h=0, extra_w=0):
     return np.pad(x, widths, constant_values=value)
 
 
-def _window(padded, g, i, j):
+def _window(padded: np.ndarray, g: _args.ConvGeometry, i: int, j: int) -> np.ndarray:
     """The (N, C, out_h, out_w) slice seen by kernel offset (i, j)."""
     top, left = i * g.dilation[0], j * g.dilation[1]
     return padded[
@@ -35,15 +40,16 @@ def _window(padded, g, i, j):
     ]
 
 
-def _unpad(padded, g):
+def _unpad(padded: np.ndarray, g: _args.ConvGeometry) -> np.ndarray:
     return padded[:, :, g.pad_top: g.pad_top + g.h, g.pad_left: g.pad_left + g.w]
 
 
-def _finish(out, unbatched):
+def _finish(out: np.ndarray, unbatched: bool) -> np.ndarray:
     return out[0] if unbatched else out
 
 
-def _grouped_windows(padded, g, groups):
+def _grouped_windows(padded: np.ndarray, g: _args.ConvGeometry,
+                     groups: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (i, j, patch) with patch (N, groups, C_in / groups, out_h * out_w) for offset (i, j)."""
     for i in range(g.kh):
         for j in range(g.kw):
@@ -51,7 +57,15 @@ def _grouped_windows(padded, g, groups):
             yield i, j, patch.reshape(g.n, groups, g.c_in // groups, g.out_h * g.out_w)
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    bias: npt.ArrayLike | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> np.ndarray:
     a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     bias = _args.bias_array(bias, a.weight)
     g, c_out = a.geometry, a.weight.shape[0]
@@ -66,7 +80,15 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _finish(out, a.unbatched)
 
 
-def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1):
+def conv2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     g, w = a.geometry, a.weight
     c_out = w.shape[0]
@@ -84,7 +106,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     return grad_input, grad_weight.reshape(w.shape), grad.sum(axis=(0, 2, 3))
 
 
-def _max_pool(a):
+def _max_pool(a: _args.PoolArgs) -> tuple[np.ndarray, np.ndarray]:
     """Max value and torch-style flat index per window; NaN wins, the last NaN in scan order.
 
     A window that holds no input element (dilation can step over a small input) gives -inf and
@@ -109,8 +131,56 @@ def _max_pool(a):
     return best, best_index
 
 
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    return_indices: Literal[False] = False,
+) -> np.ndarray: ...
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    *,
+    return_indices: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None,
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    ceil_mode: bool,
+    return_indices: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+def max_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     out, indices = _max_pool(a)
     if return_indices:
@@ -118,8 +188,16 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     return _finish(out, a.unbatched)
 
 
-def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, dilation=1,
-                        ceil_mode=False, indices=None):
+def max_pool2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    indices: npt.ArrayLike | None = None,
+) -> np.ndarray:
     a = _args.pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     g = a.geometry
     shape = (g.n, g.c_in, g.out_h, g.out_w)
@@ -138,7 +216,7 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
     return _finish(grad_input.reshape(a.x.shape), a.unbatched)
 
 
-def _avg_divisor(g, count_include_pad):
+def _avg_divisor(g: _args.ConvGeometry, count_include_pad: bool) -> np.ndarray:
     """torch's divisor per output position: the window clipped to the padded (or real) input."""
     divisor = np.empty((g.out_h, g.out_w))
     for oh in range(g.out_h):
@@ -151,7 +229,14 @@ def _avg_divisor(g, count_include_pad):
     return divisor
 
 
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+def avg_pool2d(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> np.ndarray:
     a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
     padded = _pad(a.x, g)
@@ -163,8 +248,15 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     return _finish(out, a.unbatched)
 
 
-def avg_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                        count_include_pad=True):
+def avg_pool2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> np.ndarray:
     a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
     grad = _args.grad_output_array(grad_output, (g.n, g.c_in, g.out_h, g.out_w), a.x.dtype, a.unbatched)
@@ -176,7 +268,13 @@ def avg_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
     return _finish(np.ascontiguousarray(_unpad(grad_padded, g)), a.unbatched)
 
 
-def unfold(input, kernel_size, dilation=1, padding=0, stride=1):
+def unfold(
+    input: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    dilation: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    stride: int | tuple[int, int] = 1,
+) -> np.ndarray:
     x4, g, unbatched = _args.unfold_args(input, kernel_size, dilation, padding, stride)
     padded = _pad(x4, g)
     blocks = [_window(padded, g, i, j) for i in range(g.kh) for j in range(g.kw)]
@@ -185,7 +283,14 @@ def unfold(input, kernel_size, dilation=1, padding=0, stride=1):
     return _finish(cols, unbatched)
 
 
-def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
+def fold(
+    input: npt.ArrayLike,
+    output_size: int | tuple[int, int],
+    kernel_size: int | tuple[int, int],
+    dilation: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    stride: int | tuple[int, int] = 1,
+) -> np.ndarray:
     cols, g, unbatched = _args.fold_args(input, output_size, kernel_size, dilation, padding, stride)
     blocks = cols.reshape(g.n, g.c_in, g.kh, g.kw, g.out_h, g.out_w)
     padded = _pad(np.zeros((g.n, g.c_in, g.h, g.w), dtype=cols.dtype), g)
@@ -195,19 +300,27 @@ def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     return _finish(np.ascontiguousarray(_unpad(padded, g)), unbatched)
 
 
-def _channel_view(a):
+def _channel_view(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """(N, C, ...) as (N, C, L), and the axes to reduce over to get one value per channel."""
     flat = a.reshape(a.shape[0], a.shape[1], -1)
     return flat, (0, 2)
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+def batch_norm(
+    input: npt.ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: npt.ArrayLike | None = None,
+    bias: npt.ArrayLike | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> np.ndarray:
     a = _args.batch_norm_args(input, running_mean, running_var, weight, bias, training)
     x, axes = _channel_view(a.x)
     if training:
         mean, var = x.mean(axis=axes), x.var(axis=axes)
-        if running_mean is not None:
+        if running_mean is not None and running_var is not None:  # both or neither
             count = x.size // x.shape[1]
             running_mean[...] = (1 - momentum) * running_mean + momentum * mean
             running_var[...] = (1 - momentum) * running_var + momentum * var * count / (count - 1)
@@ -221,8 +334,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return out.astype(a.x.dtype).reshape(a.shape)
 
 
-def batch_norm_backward(grad_output, input, weight=None, running_mean=None, running_var=None,
-                        training=False, eps=1e-5):
+def batch_norm_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike | None = None,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    training: bool = False,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     a = _args.batch_norm_args(input, running_mean, running_var, weight, None, training)
     x, axes = _channel_view(a.x)
     grad = _args.float_array("grad_output", grad_output, a.x.dtype).reshape(x.shape)
