@@ -52,7 +52,8 @@ EFFICIENCY = 0.8
 
 def worker(args) -> None:
     import fastconv
-    from fastconv import distributed, models, optim
+    from fastconv import data_parallel as distributed
+    from fastconv import models, optim
     from fastconv.train import Trainer, random_shift
 
     fastconv.set_num_threads(args.threads)

@@ -19,7 +19,7 @@ from .threads import _from_environment, get_num_threads, set_num_threads
 
 _from_environment()
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",

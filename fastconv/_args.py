@@ -8,15 +8,18 @@ reaches compiled code unchecked. The rules and messages follow torch.nn.function
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Any, TypeGuard
 
 import numpy as np
+import numpy.typing as npt
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def float_array(name: str, value, dtype: np.dtype | None = None) -> np.ndarray:
+def float_array(name: str, value: npt.ArrayLike, dtype: np.dtype | None = None) -> np.ndarray:
     """C-contiguous float32/float64 array, copied only when it has to be."""
     if isinstance(value, np.ndarray):
         array = value
@@ -53,7 +56,7 @@ def batched(name: str, array: np.ndarray, what: str = "(C, H, W)") -> tuple[np.n
 MAX_PARAMETER = 2**31 - 1
 
 
-def pair(name: str, value, minimum: int) -> tuple[int, int]:
+def pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each in [minimum, MAX_PARAMETER]."""
     values = (value, value) if isinstance(value, Integral) else tuple(value) if _is_seq(value) else None
     if (
@@ -69,7 +72,7 @@ def pair(name: str, value, minimum: int) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def _is_seq(value) -> bool:
+def _is_seq(value: object) -> TypeGuard[Sequence[Any] | np.ndarray]:
     return isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim == 1)
 
 
@@ -131,7 +134,9 @@ class ConvGeometry:
                 self.dilation[0], self.dilation[1])
 
 
-def sliding_geometry(name, shape, kernel, stride, padding, dilation) -> ConvGeometry:
+def sliding_geometry(name: str, shape: tuple[int, ...], kernel: tuple[int, int],
+                     stride: tuple[int, int], padding: tuple[int, ...],
+                     dilation: tuple[int, int]) -> ConvGeometry:
     """Geometry for conv/unfold/fold: padding is an int pair or (top, bottom, left, right)."""
     n, c, h, w = shape
     kh, kw = kernel
@@ -152,7 +157,8 @@ def sliding_geometry(name, shape, kernel, stride, padding, dilation) -> ConvGeom
     return ConvGeometry(n, c, h, w, kh, kw, stride, dilation, top, left, out_h, out_w)
 
 
-def conv_padding(padding, kernel, stride, dilation) -> tuple[int, int, int, int]:
+def conv_padding(padding: int | tuple[int, int] | str, kernel: tuple[int, int],
+                 stride: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) from an int, a pair, 'valid' or 'same' (torch's rules)."""
     if isinstance(padding, str):
         if padding == "valid":
@@ -178,7 +184,9 @@ class ConvArgs:
     unbatched: bool
 
 
-def conv_args(x, weight, stride, padding, dilation, groups) -> ConvArgs:
+def conv_args(x: npt.ArrayLike, weight: npt.ArrayLike, stride: int | tuple[int, int],
+              padding: int | tuple[int, int] | str, dilation: int | tuple[int, int],
+              groups: int) -> ConvArgs:
     """Validate conv2d's arguments the way torch.nn.functional.conv2d does."""
     x = float_array("x", x)
     weight = float_array("weight", weight, x.dtype)
@@ -209,7 +217,7 @@ def conv_args(x, weight, stride, padding, dilation, groups) -> ConvArgs:
     return ConvArgs(x4, weight, geometry, int(groups), unbatched)
 
 
-def bias_array(bias, weight: np.ndarray) -> np.ndarray | None:
+def bias_array(bias: npt.ArrayLike | None, weight: np.ndarray) -> np.ndarray | None:
     if bias is None:
         return None
     bias = float_array("bias", bias, weight.dtype)
@@ -218,7 +226,8 @@ def bias_array(bias, weight: np.ndarray) -> np.ndarray | None:
     return bias
 
 
-def grad_output_array(grad_output, expected_shape: tuple[int, ...], dtype, unbatched: bool) -> np.ndarray:
+def grad_output_array(grad_output: npt.ArrayLike, expected_shape: tuple[int, ...],
+                      dtype: np.dtype, unbatched: bool) -> np.ndarray:
     """grad_output must have exactly the forward output's shape (batched as the input was)."""
     grad = float_array("grad_output", grad_output, dtype)
     shown = expected_shape[1:] if unbatched else expected_shape
@@ -235,7 +244,9 @@ class PoolArgs:
     unbatched: bool
 
 
-def pool_args(x, kernel_size, stride, padding, dilation, ceil_mode) -> PoolArgs:
+def pool_args(x: npt.ArrayLike, kernel_size: int | tuple[int, int],
+              stride: int | tuple[int, int] | None, padding: int | tuple[int, int],
+              dilation: int | tuple[int, int], ceil_mode: bool) -> PoolArgs:
     """Validate pooling arguments as torch's pool2d_shape_check does."""
     x = float_array("x", x)
     x4, unbatched = batched("x", x)
@@ -243,7 +254,9 @@ def pool_args(x, kernel_size, stride, padding, dilation, ceil_mode) -> PoolArgs:
     return PoolArgs(x4, geometry, bool(ceil_mode), unbatched)
 
 
-def pool_geometry(shape, itemsize, kernel_size, stride, padding, dilation, ceil_mode) -> ConvGeometry:
+def pool_geometry(shape: tuple[int, ...], itemsize: int, kernel_size: int | tuple[int, int],
+                  stride: int | tuple[int, int] | None, padding: int | tuple[int, int],
+                  dilation: int | tuple[int, int], ceil_mode: bool) -> ConvGeometry:
     """The pooling window geometry over an input of this (N, C, H, W) shape."""
     check_nonempty("x", shape)
     kernel = pair("kernel_size", kernel_size, 1)
@@ -254,7 +267,7 @@ def pool_geometry(shape, itemsize, kernel_size, stride, padding, dilation, ceil_
         raise ValueError(
             f"padding: should be at most half of kernel_size, got padding={pad} for kernel_size={kernel}"
         )
-    _, _, h, w = shape
+    n, c, h, w = shape
     out = [
         pool_output_size(size, k, s, p, d, ceil_mode)
         for size, k, s, p, d in zip((h, w), kernel, stride, pad, dilation)
@@ -266,10 +279,11 @@ def pool_geometry(shape, itemsize, kernel_size, stride, padding, dilation, ceil_
             f"stride={stride}, padding={pad}, dilation={dilation}"
         )
     check_fits("output", (shape[0], shape[1], out[0], out[1]), itemsize)
-    return ConvGeometry(*shape, *kernel, stride, dilation, pad[0], pad[1], out[0], out[1])
+    return ConvGeometry(n, c, h, w, *kernel, stride, dilation, pad[0], pad[1], out[0], out[1])
 
 
-def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode) -> int:
+def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int,
+                     ceil_mode: bool) -> int:
     numerator = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
     out = numerator // stride + 1
     # torch: the last window must start inside the (left-padded) input.
@@ -278,7 +292,9 @@ def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode) -> int:
     return out
 
 
-def unfold_args(x, kernel_size, dilation, padding, stride) -> tuple[np.ndarray, ConvGeometry, bool]:
+def unfold_args(x: npt.ArrayLike, kernel_size: int | tuple[int, int],
+                dilation: int | tuple[int, int], padding: int | tuple[int, int],
+                stride: int | tuple[int, int]) -> tuple[np.ndarray, ConvGeometry, bool]:
     x = float_array("x", x)
     x4, unbatched = batched("x", x)
     check_nonempty("x", x4.shape)
@@ -290,7 +306,10 @@ def unfold_args(x, kernel_size, dilation, padding, stride) -> tuple[np.ndarray, 
     return x4, geometry, unbatched
 
 
-def fold_args(cols, output_size, kernel_size, dilation, padding, stride):
+def fold_args(cols: npt.ArrayLike, output_size: int | tuple[int, int],
+              kernel_size: int | tuple[int, int], dilation: int | tuple[int, int],
+              padding: int | tuple[int, int],
+              stride: int | tuple[int, int]) -> tuple[np.ndarray, ConvGeometry, bool]:
     """Validate fold (col2im): cols (N, C * kH * kW, L) or unbatched (C * kH * kW, L)."""
     cols = float_array("input", cols)
     unbatched = cols.ndim == 2
@@ -322,7 +341,8 @@ def fold_args(cols, output_size, kernel_size, dilation, padding, stride):
     return cols3, geometry, unbatched
 
 
-def pool_indices(indices, shape: tuple[int, ...], g: ConvGeometry, unbatched: bool) -> np.ndarray:
+def pool_indices(indices: npt.ArrayLike, shape: tuple[int, ...], g: ConvGeometry,
+                 unbatched: bool) -> np.ndarray:
     """max_pool2d's indices: int64, the output's shape, each a flat position inside its plane."""
     indices = np.asarray(indices)
     if indices.dtype.kind not in "iu":
@@ -344,7 +364,9 @@ class NormArgs:
     shape: tuple[int, ...]  # the input's own shape
 
 
-def batch_norm_args(x, running_mean, running_var, weight, bias, training,
+def batch_norm_args(x: npt.ArrayLike, running_mean: np.ndarray | None,
+                    running_var: np.ndarray | None, weight: npt.ArrayLike | None,
+                    bias: npt.ArrayLike | None, training: bool,
                     statistics_given: bool = False) -> NormArgs:
     """Validate batch_norm's arguments as torch.nn.functional.batch_norm does.
 
@@ -355,7 +377,7 @@ def batch_norm_args(x, running_mean, running_var, weight, bias, training,
     if x.ndim < 2:
         raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
     channels = x.shape[1]
-    vectors = {}
+    vectors: dict[str, np.ndarray] = {}
     for name, value in (("running_mean", running_mean), ("running_var", running_var),
                         ("weight", weight), ("bias", bias)):
         if value is None:

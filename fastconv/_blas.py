@@ -45,15 +45,13 @@ def find_gemm() -> tuple[int, int, bool, int, str] | None:
                 sgemm, dgemm = getattr(library, sname), getattr(library, dname)
             except AttributeError:
                 continue
+            sgemm_address = ctypes.cast(sgemm, ctypes.c_void_p).value
+            dgemm_address = ctypes.cast(dgemm, ctypes.c_void_p).value
+            if not sgemm_address or not dgemm_address:  # a symbol at NULL: no function to call
+                continue
             setter = getattr(library, _THREAD_SETTER, None)
             address = ctypes.cast(setter, ctypes.c_void_p).value if setter is not None else 0
-            return (
-                ctypes.cast(sgemm, ctypes.c_void_p).value,
-                ctypes.cast(dgemm, ctypes.c_void_p).value,
-                ilp64,
-                address or 0,
-                path,
-            )
+            return (sgemm_address, dgemm_address, ilp64, address or 0, path)
     return None
 
 

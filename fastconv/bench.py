@@ -9,6 +9,7 @@ file fastconv.onnx.save writes of the same model.
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import _args, reference
+from . import _args, nn, optim, reference
+from . import onnx as fc_onnx
 from . import functional as F
 from .threads import get_num_threads, set_num_threads
 
@@ -184,8 +186,6 @@ def lenet_flops(batch: int) -> float:
 
 
 def fastconv_lenet(seed: int = 0):
-    from . import nn
-
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1, rng=seed), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1, rng=seed + 1), nn.ReLU(), nn.MaxPool2d(2),
@@ -204,8 +204,6 @@ def torch_lenet(torch):
 
 def fastconv_lenet5(seed: int = 0):
     """LeNet-5 as benchmarks/onnx_parity.py trains it in torch: 5x5 convs, 6 and 16 channels."""
-    from . import nn
-
     return nn.Sequential(
         nn.Conv2d(1, 6, 5, padding=2, rng=seed), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5, rng=seed + 1), nn.ReLU(), nn.MaxPool2d(2),
@@ -229,8 +227,6 @@ MODELS = {"LeNet": (fastconv_lenet, torch_lenet), "LeNet-5": (fastconv_lenet5, t
 
 def _model_algorithms(model, x) -> str:
     """The algorithm of each Conv2d, in order, on the shapes x gives them (e.g. direct+winograd)."""
-    from . import nn
-
     found = []
     with nn.no_grad():
         for layer in model.layers:
@@ -245,10 +241,6 @@ def _onnxruntime_session(model):
     onnxruntime = _onnxruntime()
     if onnxruntime is None:
         return None
-    import io
-
-    from . import onnx as fc_onnx
-
     buffer = io.BytesIO()
     fc_onnx.save(model, buffer, input_shape=(1, 28, 28))
     options = onnxruntime.SessionOptions()
@@ -269,8 +261,6 @@ def _model_case(name, batch, part):
         if backend == "reference":
             return None
         if backend in ("fastconv", "onnxruntime"):
-            from . import nn, optim
-
             model = build_fastconv()
             if part == "inference":
                 model.eval()

@@ -2,8 +2,8 @@
 
 One small function per subcommand (``cmd_train``, ``cmd_evaluate``, ...) and one parser builder
 each (``add_train_parser``, ...); a new subcommand adds its pair and one line in
-:func:`build_parser`. Heavy modules are imported inside the command that needs them, so
-``fastconv --help`` and ``fastconv info`` start fast.
+:func:`build_parser`. Optional packages (matplotlib, starlette, mpi4py, dask, onnx) are imported
+only by the command that needs them.
 
 Exit status: 0 success, 1 an error the user can fix (missing file, bad image, missing dataset,
 unwritable output: one line on stderr, no traceback), 2 bad command-line usage (argparse), 130
@@ -19,23 +19,25 @@ import os
 import sys
 import time
 import warnings
+import csv
+import platform
+import traceback
 from pathlib import Path
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
-FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-    "Ankle boot",
-]
-# Training settings that define a run: a resumed run must keep them (a checkpoint stores them).
-RUN_DEFAULTS = {
-    "dataset": "mnist", "arch": "digit-cnn", "epochs": 3, "batch_size": 64, "optimizer": "adamw",
-    "lr": None, "weight_decay": None, "momentum": 0.9, "schedule": "cosine", "augment": None,
-    "label_smoothing": 0.0, "seed": 0, "limit": None, "val_size": 5000, "patience": None,
-}
-DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
-DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 1e-2}
+from . import bench, data_parallel, dask_inference, datasets, functional, inference, io, models
+from . import plots, recipe, serve
+from ._files import atomic_write
+from ._version import __version__
+from .threads import available_cores, get_num_threads, set_num_threads
+from .train import SingleProcess, Trainer, TrainingInterrupted, random_shift, split_validation
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# Where they used to be defined, for code that reads them from here.
+RUN_DEFAULTS, DEFAULT_LR = recipe.RUN_DEFAULTS, recipe.DEFAULT_LR
+FASHION_CLASSES = datasets.FASHION_CLASSES
+
 
 
 class UserError(Exception):
@@ -71,8 +73,6 @@ non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="fastconv",
         description="Train, evaluate and use small CNNs on the CPU (MNIST, Fashion-MNIST).",
@@ -287,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         if hasattr(args, "threads"):  # commands that compute: kernels and BLAS set together
-            from . import get_num_threads, set_num_threads
-
             set_num_threads(args.threads or get_num_threads())
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -325,28 +323,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def cmd_train(args) -> int:
     if not args.distributed:
         return _train(args)
-    from . import distributed, set_num_threads
-
     try:
-        comm = distributed.get_comm()
+        comm = data_parallel.get_comm()
     except ImportError as err:
         raise UserError(str(err)) from None
-    parallel = distributed.DataParallel(comm)
+    parallel = data_parallel.DataParallel(comm)
     if parallel.size == 1:
         return _train(args)  # not started by mpiexec (or one rank): a plain run
     if args.threads is None and not os.environ.get("FASTCONV_NUM_THREADS"):
-        set_num_threads(distributed.default_threads(comm))
+        set_num_threads(data_parallel.default_threads(comm))
     try:
-        with distributed.abort_on_error(comm, report=_rank_error):
+        with data_parallel.abort_on_error(comm, report=_rank_error):
             return _train(args, parallel)
-    except distributed.ReplicasDiverged as err:
+    except data_parallel.ReplicasDiverged as err:
         raise UserError(str(err)) from None
 
 
 def _rank_error(err, rank, size) -> None:
     """How a failing rank reports before it aborts the job: one line for a user's mistake."""
-    import traceback
-
     if isinstance(err, (UserError, OSError, ValueError, TypeError, KeyboardInterrupt)) and (
             not os.environ.get("FASTCONV_TRACEBACK")):
         _error(f"rank {rank} of {size}: {_one_line(err)}; stopping all ranks")
@@ -357,9 +351,6 @@ def _rank_error(err, rank, size) -> None:
 
 def _train(args, parallel=None) -> int:
     """'fastconv train' in this process; ``parallel`` (a DataParallel) makes it one rank."""
-    from . import io, models, optim
-    from .train import Trainer, TrainingInterrupted, evaluate, random_shift
-
     resumed = None
     if args.resume is not None:
         # Without a path: the --checkpoint given, else the one of --out (default model.npz).
@@ -375,7 +366,7 @@ def _train(args, parallel=None) -> int:
         args.no_download = args.no_download or bool(files.get("no_download"))
         checkpoint = Path(args.checkpoint) if args.checkpoint else resume_path
     else:
-        config = _fresh_config(args)
+        config = recipe.fresh_config(vars(args))
     out = Path(args.out or "model.npz")
     if resumed is None:
         checkpoint = Path(args.checkpoint) if args.checkpoint else _default_checkpoint(out)
@@ -390,20 +381,20 @@ def _train(args, parallel=None) -> int:
         "no_download": args.no_download,
     }
 
-    spec = _dataset_spec(config["dataset"])
+    spec = datasets.dataset_spec(config["dataset"])
     x, y, validation = _training_data(config, args)
 
     if resumed is not None:
         model = resumed.build_model()
     else:
         model = models.create(config["arch"], num_classes=len(spec["classes"]), seed=config["seed"])
-    optimizer = _make_optimizer(optim, model, config)
+    optimizer = recipe.make_optimizer(model, config)
     steps_per_epoch = -(-len(x) // config["batch_size"])
-    scheduler = _make_scheduler(optim, optimizer, config, steps_per_epoch)
+    scheduler = recipe.make_scheduler(optimizer, config, steps_per_epoch)
     augment = random_shift if config["augment"] else None
     quiet = args.quiet or (parallel is not None and parallel.rank != 0)
     trainer = Trainer(
-        model, optimizer, _make_loss(config), scheduler=scheduler, scheduler_interval="step",
+        model, optimizer, recipe.make_loss(config), scheduler=scheduler, scheduler_interval="step",
         batch_size=config["batch_size"], seed=config["seed"], augment=augment,
         checkpoint=checkpoint, checkpoint_every=args.checkpoint_every or None,
         extra={"config": config, "threads": _threads(), "files": files}, progress=not quiet,
@@ -442,7 +433,7 @@ def _train(args, parallel=None) -> int:
     if parallel is not None:  # the ranks finished together; rank 0 alone scores and saves
         if parallel.rank != 0:
             return 0
-        trainer.parallel = None
+        trainer.parallel = SingleProcess()
 
     meta = {
         "dataset": config["dataset"], "classes": spec["classes"], "input_shape": [1, 28, 28],
@@ -450,8 +441,8 @@ def _train(args, parallel=None) -> int:
         "training": config, "history": history.to_dict(),
     }
     if args.test:
-        x_test, y_test = _load_dataset(config["dataset"], "test", args.data_dir, not args.no_download)
-        result = evaluate(model, x_test, y_test)
+        x_test, y_test = datasets.load_dataset(config["dataset"], "test", args.data_dir, not args.no_download)
+        result = inference.evaluate(model, x_test, y_test)
         meta["test_accuracy"] = result.accuracy
         meta["test_loss"] = result.loss
     try:
@@ -474,9 +465,7 @@ def _train(args, parallel=None) -> int:
 def _training_data(config, args):
     """``x, y, validation``: the last ``val_size`` training images are held out for validation
     (the same ones whatever ``--limit``), then ``--limit`` takes the first images of the rest."""
-    from .train import split_validation
-
-    x, y = _load_dataset(config["dataset"], "train", args.data_dir, not args.no_download)
+    x, y = datasets.load_dataset(config["dataset"], "train", args.data_dir, not args.no_download)
     if config["val_size"] >= len(x):
         raise UserError(f"--val-size {config['val_size']} leaves no training images")
     (x, y), (x_val, y_val) = split_validation(x, y, config["val_size"])
@@ -490,32 +479,11 @@ def _training_data(config, args):
     return x, y, validation
 
 
-def _fresh_config(args) -> dict:
-    config = {name: getattr(args, name) for name in RUN_DEFAULTS}
-    for name, default in RUN_DEFAULTS.items():
-        if config[name] is None:
-            config[name] = default
-    from . import models
-
-    if config["arch"] not in models.ARCHITECTURES:
-        raise UserError(
-            f"--arch: unknown architecture {config['arch']!r}; "
-            f"choose from {', '.join(sorted(models.ARCHITECTURES))}"
-        )
-    if config["lr"] is None:
-        config["lr"] = DEFAULT_LR[config["optimizer"]]
-    if config["weight_decay"] is None:
-        config["weight_decay"] = DEFAULT_WEIGHT_DECAY[config["optimizer"]]
-    if config["augment"] is None:
-        config["augment"] = config["dataset"] == "mnist"
-    return config
-
-
 def _resumed_config(args, checkpoint, path) -> dict:
     config = checkpoint.extra.get("config")
-    if not isinstance(config, dict) or set(config) != set(RUN_DEFAULTS):
+    if not isinstance(config, dict) or set(config) != set(recipe.RUN_DEFAULTS):
         raise UserError(f"{path}: not a checkpoint of 'fastconv train' (no run settings)")
-    for name in RUN_DEFAULTS:
+    for name in recipe.RUN_DEFAULTS:
         given = getattr(args, name)
         if given is not None and given != config[name]:
             flag = "--" + name.replace("_", "-")
@@ -529,31 +497,6 @@ def _resumed_config(args, checkpoint, path) -> dict:
               "the final weights may differ in the last bits from an uninterrupted run",
               file=sys.stderr)
     return dict(config)
-
-
-def _make_optimizer(optim, model, config):
-    params, lr, decay = model.parameters(), config["lr"], config["weight_decay"]
-    if config["optimizer"] == "sgd":
-        return optim.SGD(params, lr=lr, momentum=config["momentum"], nesterov=config["momentum"] > 0,
-                         weight_decay=decay)
-    if config["optimizer"] == "adam":
-        return optim.Adam(params, lr=lr, weight_decay=decay)
-    return optim.AdamW(params, lr=lr, weight_decay=decay)
-
-
-def _make_scheduler(optim, optimizer, config, steps_per_epoch):
-    total = config["epochs"] * steps_per_epoch
-    if config["schedule"] == "cosine":
-        return optim.CosineAnnealingLR(optimizer, T_max=total)
-    if config["schedule"] == "step":
-        return optim.StepLR(optimizer, step_size=max(1, total // 3), gamma=0.1)
-    return None
-
-
-def _make_loss(config):
-    from .nn import CrossEntropyLoss
-
-    return CrossEntropyLoss(label_smoothing=config["label_smoothing"])
 
 
 def _default_checkpoint(out: Path) -> Path:
@@ -575,8 +518,6 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _threads() -> int:
-    from . import get_num_threads
-
     return get_num_threads()
 
 
@@ -585,20 +526,17 @@ def _threads() -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import io
-    from .train import evaluate
-
-    model, meta = io.load_any_model(args.model)
+    model, meta = inference.load_any_model(args.model)
     plots = _plots() if args.plot else None
     dataset = args.dataset or meta.get("dataset") or "mnist"
     if dataset not in ("mnist", "fashion-mnist"):
         raise UserError(f"{args.model}: trained on {dataset!r}; pass --dataset mnist|fashion-mnist")
-    spec = _dataset_spec(dataset)
-    x, y = _load_dataset(dataset, "test", args.data_dir, not args.no_download)
+    spec = datasets.dataset_spec(dataset)
+    x, y = datasets.load_dataset(dataset, "test", args.data_dir, not args.no_download)
     if args.limit is not None:
         x, y = x[: args.limit], y[: args.limit]
-    result = evaluate(model, x, y, batch_size=args.batch_size)
-    classes = meta.get("classes") or [str(i) for i in range(result.confusion.shape[0])]
+    result = inference.evaluate(model, x, y, batch_size=args.batch_size)
+    classes = inference.class_names(meta, result.confusion.shape[0])
     if plots is not None:
         report = _write_report(model, x, y, classes, spec, Path(args.plot), plots)
     if args.json:
@@ -633,36 +571,22 @@ def _format_matrix(matrix) -> str:
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
-
-    from . import io, preprocess
-    from .train import predict_proba
-
-    model, meta = io.load_any_model(args.model)
-    shape = meta.get("input_shape") or [1, 28, 28]
-    if shape[0] != 1 or shape[1] != shape[2]:
-        raise UserError(f"{args.model}: predict needs a one-channel square input, the model "
-                        f"takes {shape}")
+    model, meta = inference.load_any_model(args.model)
+    image_input = inference.ImageInput.of(meta, str(args.model), use="predict")
     classes = meta.get("classes")
-    mean = meta.get("mean", 0.0)
-    std = meta.get("std", 1.0)
-    files = _image_files(args.images)
-    inputs, names, failures = [], [], 0
-    for path in [] if args.dask else files:
-        try:
-            inputs.append(preprocess.to_mnist_input(path, size=shape[1], mean=mean, std=std))
-            names.append(str(path))
-        except (OSError, ValueError, TypeError) as err:
-            _error(_one_line(err) if str(path) in str(err) else f"{path}: {_one_line(err)}")
-            failures += 1
+    files = inference.image_files(args.images)
     results, probabilities = [], None
     if args.dask:
         names, probabilities, failures = _predict_on_dask(args, files)
-    elif inputs:
-        probabilities = predict_proba(model, np.stack(inputs))
+    else:
+        inputs, kept, errors = inference.frame_files(files, image_input)
+        for index in sorted(errors):
+            _error(inference.naming(files[index], errors[index]))
+        names, failures = [str(files[i]) for i in kept], len(errors)
+        if inputs is not None:
+            probabilities = inference.predict_proba(model, inputs)
     if probabilities is not None and len(probabilities):
-        if classes is None:
-            classes = [str(i) for i in range(probabilities.shape[1])]
+        classes = inference.class_names(meta, probabilities.shape[1])
         top = min(args.top, probabilities.shape[1])
         for name, probs in zip(names, probabilities):
             order = np.argsort(-probs, kind="stable")[:top]
@@ -684,11 +608,9 @@ def cmd_predict(args) -> int:
 
 def _predict_on_dask(args, files):
     """``names, probabilities, failures`` of the readable files, computed on ``--dask``."""
-    from . import distributed
-
     try:
-        with distributed.dask_client(args.dask) as client:
-            result = distributed.predict_files_dask(args.model, files, client)
+        with dask_inference.dask_client(args.dask) as client:
+            result = dask_inference.predict_files_dask(args.model, files, client)
     except ImportError as err:
         raise UserError(str(err)) from None
     for index in sorted(result.errors):
@@ -700,10 +622,6 @@ def _predict_on_dask(args, files):
 def _write_predictions(path: Path, names, probabilities, classes) -> int:
     """CSV of path, most probable class, then one probability column per class, written to a
     temporary file renamed over ``path`` (no half-written file). Returns the row count."""
-    import csv
-
-    from ._files import atomic_write
-
     _check_writable_folder(path, "--out")
     rows = [] if probabilities is None else probabilities
     labels = classes or [str(i) for i in range(len(rows[0]) if len(rows) else 0)]
@@ -715,47 +633,22 @@ def _write_predictions(path: Path, names, probabilities, classes) -> int:
     return len(rows)
 
 
-def _image_files(arguments) -> list[Path]:
-    files = []
-    for argument in arguments:
-        path = Path(argument)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UserError(f"{path}: no image files in this folder "
-                                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files.extend(found)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    return files
-
-
 # --------------------------------------------------------------------------------------------
 # show, serve, and the pictures of train --plot and evaluate --plot
 
 
 def cmd_show(args) -> int:
-    from . import io, preprocess
-    from .train import predict_proba
-
     plots = _plots()
-    model, meta = io.load_any_model(args.model)
-    shape = meta.get("input_shape") or [1, 28, 28]
-    if shape[0] != 1 or shape[1] != shape[2]:
-        raise UserError(f"{args.model}: show needs a one-channel square input, the model "
-                        f"takes {shape}")
-    mean, std = meta.get("mean", 0.0), meta.get("std", 1.0)
-    x = preprocess.to_mnist_input(args.image, size=shape[1], mean=mean, std=std)
+    model, meta = inference.load_any_model(args.model)
+    image_input = inference.ImageInput.of(meta, str(args.model), use="show")
+    x = image_input.frame(args.image)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, expected a folder")
     filters = plots.plot_filters(model, out / "filters.png")
-    maps = plots.plot_feature_maps(model, x, out / "feature-maps.png", image=x * std + mean)
-    probabilities = predict_proba(model, x[None])[0]
-    classes = meta.get("classes") or [str(i) for i in range(len(probabilities))]
+    maps = plots.plot_feature_maps(model, x, out / "feature-maps.png", image=image_input.pixels(x))
+    probabilities = inference.predict_proba(model, x[None])[0]
+    classes = inference.class_names(meta, len(probabilities))
     ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:3]
     print(f"{args.image}: " + "  ".join(f"{classes[i]} ({probabilities[i]:.2f})" for i in ranked))
     print(f"wrote {out / 'filters.png'} ({len(filters)} filters) and {out / 'feature-maps.png'} "
@@ -765,8 +658,6 @@ def cmd_show(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from . import serve
-
         serve.require_dependencies()
     except ImportError as err:
         raise UserError(str(err)) from None
@@ -779,8 +670,6 @@ def cmd_serve(args) -> int:
 
 def _plots():
     """fastconv.plots, or a one-line error saying how to install matplotlib."""
-    from . import plots
-
     try:
         plots.require_matplotlib()
     except ImportError as err:
@@ -819,8 +708,6 @@ def _curves_writer(history_of, path: Path | None, log):
 
 
 def cmd_bench(args) -> int:
-    from . import bench, get_num_threads
-
     plots = _plots() if args.plot else None  # fail before the run, not after it
     if os.environ.get("OPENBLAS_CORETYPE"):
         print(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; NumPy's sgemm "
@@ -839,15 +726,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import platform
-
-    import numpy as np
-
-    import fastconv
-    from fastconv import _conv
-    from fastconv.functional import _blas_in_kernels
-    from fastconv.threads import available_cores
-
     blas = []
     try:
         from threadpoolctl import threadpool_info
@@ -860,16 +738,13 @@ def cmd_info(args) -> int:
     except ImportError:
         pass
     info = {
-        "fastconv": fastconv.__version__,
+        "fastconv": __version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "openmp": bool(getattr(_conv, "openmp", False)),
-        "threads": fastconv.get_num_threads(),
+        "threads": get_num_threads(),
         "cores": available_cores(),
         "FASTCONV_NUM_THREADS": os.environ.get("FASTCONV_NUM_THREADS"),
-        "cflags": getattr(_conv, "cflags", None),
-        "conv_gemm": "BLAS called by the kernels, one thread each" if _blas_in_kernels()
-        else "NumPy matmul on batch chunks (no CBLAS symbol found, or FASTCONV_BLAS=numpy)",
+        **functional.kernel_info(),
         "thread_pools": blas,
     }
     if args.json:
@@ -881,6 +756,8 @@ def cmd_info(args) -> int:
     print(f"threads:         {info['threads']} (of {info['cores']} cores{env})")
     print(f"compiler flags:  {info['cflags']}")
     print(f"conv GEMM:       {info['conv_gemm']}")
+    print(f"Winograd 3x3:    {info['winograd']}")
+    print(f"conv algorithm:  {info['conv_algorithm']}")
     for pool in blas:
         api = "BLAS" if pool["user_api"] == "blas" else pool["user_api"]
         details = ", ".join(f"{k} {pool[k]}" for k in ("version", "threading_layer", "num_threads")
@@ -889,27 +766,6 @@ def cmd_info(args) -> int:
     if not blas:
         print("BLAS:            unknown (threadpoolctl not installed); see numpy.show_config()")
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# Datasets
-
-
-def _dataset_spec(name: str) -> dict:
-    from . import datasets
-
-    if name == "mnist":
-        return {"title": "MNIST", "classes": [str(i) for i in range(10)],
-                "mean": datasets.MNIST_MEAN, "std": datasets.MNIST_STD}
-    return {"title": "Fashion-MNIST", "classes": list(FASHION_CLASSES),
-            "mean": datasets.FASHION_MNIST_MEAN, "std": datasets.FASHION_MNIST_STD}
-
-
-def _load_dataset(name: str, split: str, data_dir, download: bool):
-    from . import datasets
-
-    loader = datasets.mnist if name == "mnist" else datasets.fashion_mnist
-    return loader(split, data_dir=data_dir, download=download)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ MNIST_STD = 0.3081
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "Ankle boot",
+]
+
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -88,6 +93,25 @@ def mnist(split="train", data_dir=None, download=True, normalize=True):
 def fashion_mnist(split="train", data_dir=None, download=True, normalize=True):
     """Fashion-MNIST, exactly as :func:`mnist` (subfolder ``fashion-mnist/``, its own mean/std)."""
     return _load(_FASHION_MNIST, split, data_dir, download, normalize)
+
+
+def dataset_spec(name: str) -> dict:
+    """What ``fastconv train``/``evaluate`` show and store of a dataset: ``title``, ``classes``,
+    and the ``mean``/``std`` its images are normalised with."""
+    if name == "mnist":
+        return {"title": "MNIST", "classes": [str(i) for i in range(10)],
+                "mean": MNIST_MEAN, "std": MNIST_STD}
+    if name == "fashion-mnist":
+        return {"title": "Fashion-MNIST", "classes": list(FASHION_CLASSES),
+                "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
+    raise ValueError(f"dataset: expected 'mnist' or 'fashion-mnist', got {name!r}")
+
+
+def load_dataset(name: str, split: str, data_dir=None, download: bool = True):
+    """``(x, y)`` of ``split`` of the dataset called ``name`` (see :func:`dataset_spec`)."""
+    dataset_spec(name)
+    loader = mnist if name == "mnist" else fashion_mnist
+    return loader(split, data_dir=data_dir, download=download)
 
 
 def read_idx(path) -> np.ndarray:

@@ -666,3 +666,16 @@ def _batch_norm_backward(
         grad_bias.astype(dtype) if output_mask[2] else None,
     )
 
+
+def kernel_info() -> dict:
+    """Which kernels this build and CPU run, for ``fastconv info``."""
+    microkernel = _conv.winograd_products_backend() == "micro-kernel"
+    return {
+        "openmp": bool(_conv.openmp),
+        "cflags": _conv.cflags,
+        "conv_gemm": "BLAS called by the kernels, one thread each" if _blas.kernels_call_blas()
+        else "NumPy matmul on batch chunks (no CBLAS symbol found, or FASTCONV_BLAS=numpy)",
+        "winograd": f"F(2x2,3x3), products on {'the micro-kernel' if microkernel else 'BLAS'}, "
+        f"{_conv.winograd_kernels}",
+        "conv_algorithm": get_conv_algorithm(),
+    }

@@ -27,8 +27,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import nn
 from ._files import atomic_write
 from ._safetensors import load_safetensors, save_safetensors
+from ._version import __version__
 
 __all__ = [
     "HEADER_KEY",
@@ -95,8 +97,6 @@ def save_model(model, path, meta: dict | None = None) -> None:
     written (the previous file at ``path`` is then intact), ``ValueError`` if ``meta`` is not
     JSON-able or does not fit the model.
     """
-    from . import nn
-
     meta = dict(meta or {})
     _check_meta(meta, model)
     state = _state_arrays(model)
@@ -109,19 +109,6 @@ def save_model(model, path, meta: dict | None = None) -> None:
         "tensors": _describe(state),
     }
     _atomic_write(path, {HEADER_KEY: _json_bytes(header, "meta"), **state})
-
-
-def load_any_model(path) -> ModelFile:
-    """``(model, meta)`` from a fastconv model file or an ONNX file (recognised by suffix or
-    contents): the one loader behind predict, evaluate, show, serve and batch inference."""
-    from . import onnx
-
-    if not onnx.is_onnx(path):
-        return load_model(path)
-    try:
-        return onnx.load_model(path)
-    except ImportError as err:  # the onnx package is an optional extra
-        raise ValueError(f"{path}: {err}") from None
 
 
 def load_model(path) -> ModelFile:
@@ -161,8 +148,6 @@ def save_checkpoint(
     states may nest dicts, lists, tuples, numbers, strings and NumPy arrays. Raises
     :class:`SaveError` if the file cannot be written; the previous checkpoint is then intact.
     """
-    from . import nn
-
     state = _state_arrays(model)
     arrays = {_MODEL_PREFIX + key: value for key, value in state.items()}
     header = {
@@ -417,8 +402,6 @@ def _build_from_file(npz, path, architecture, tensors, prefix):
 
 
 def _build(architecture, state, where):
-    from . import nn
-
     try:
         model = nn.from_config(architecture)
     except MemoryError:
@@ -512,6 +495,4 @@ def _output_width(model, shape) -> int:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__

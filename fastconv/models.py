@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import nn
+
 __all__ = ["ARCHITECTURES", "DEFAULT_ARCHITECTURE", "create", "digit_cnn", "lenet5"]
 
 
@@ -27,8 +29,6 @@ def digit_cnn(num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
     Linear(hidden)-ReLU-Dropout -> Linear(num_classes), for inputs ``(N, in_channels,
     input_size, input_size)``; ``input_size`` must be divisible by 4. Initialised as torch's
     layers are, from ``seed`` (which also seeds the dropout masks)."""
-    from . import nn
-
     if input_size % 4:
         raise ValueError(f"input_size must be divisible by 4, got {input_size}")
     init, drop = _streams(seed)
@@ -48,8 +48,6 @@ def digit_cnn(num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
 def lenet5(num_classes: int = 10, in_channels: int = 1, *, seed: int | None = 0):
     """LeCun et al.'s LeNet-5 in its common modern form (ReLU, max pooling), for 28x28 inputs:
     Conv(5x5, 6, pad 2)-ReLU-MaxPool2 -> Conv(5x5, 16)-ReLU-MaxPool2 -> 120 -> 84 -> classes."""
-    from . import nn
-
     init, _ = _streams(seed)
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, 5, padding=2, rng=init), nn.ReLU(), nn.MaxPool2d(2),

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from . import inference, nn
+
 __all__ = [
     "MissingMatplotlib",
     "Mistake",
@@ -214,9 +216,7 @@ def plot_evaluation(model, x, y, path, images=None, classes: Sequence[str] | Non
 
     ``images`` are what the mistake grid shows (default ``x``; pass the un-normalised pixels to
     see the digits as they are). Returns the :class:`Report` that was drawn."""
-    from .train import predict_proba
-
-    report = evaluation_report(predict_proba(model, x, batch_size), y, classes, mistakes)
+    report = evaluation_report(inference.predict_proba(model, x, batch_size), y, classes, mistakes)
     plot_report(report, x if images is None else images, path)
     return report
 
@@ -343,8 +343,6 @@ def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
     """Run one input ``x`` ``(C, H, W)`` through ``model`` (a Sequential, nested ones flattened)
     in eval mode and return ``(name, maps)`` for each Conv2d layer: its output ``(C_out, H, W)``
     after the BatchNorm and activation that directly follow it, if any."""
-    from . import nn
-
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 3:
         raise ValueError(f"x: expected one input (C, H, W), got shape {x.shape}")
@@ -406,8 +404,6 @@ def plot_feature_maps(model, x, path, max_maps: int = 32,
 
 
 def _flat_layers(model, prefix: str = ""):
-    from . import nn
-
     if isinstance(model, nn.Sequential):
         for name, child in model.named_children():
             yield from _flat_layers(child, f"{prefix}{name}.")
@@ -416,8 +412,6 @@ def _flat_layers(model, prefix: str = ""):
 
 
 def _conv_layers(model):
-    from . import nn
-
     return (m for m in model.modules() if isinstance(m, nn.Conv2d))
 
 

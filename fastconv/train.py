@@ -1,4 +1,4 @@
-"""The training loop, its history and checkpoints, and the evaluation helpers.
+"""The training loop, its history and checkpoints.
 
 A step reads as in PyTorch, with the backward pass explicit::
 
@@ -29,15 +29,19 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import nn, plots
+from .inference import Evaluation, _check_data, _check_positive_int, evaluate, predict, predict_proba
+from .io import SaveError, load_checkpoint, save_checkpoint
 
 __all__ = [
     "CheckpointWarning",
     "Evaluation",
     "History",
+    "SingleProcess",
     "Trainer",
     "TrainingInterrupted",
     "evaluate",
@@ -103,9 +107,7 @@ class History:
 
     def plot(self, path) -> Path:
         """Loss and accuracy per epoch, train and validation, as one PNG (needs matplotlib)."""
-        from .plots import plot_history
-
-        return plot_history(self, path)
+        return plots.plot_history(self, path)
 
     @classmethod
     def from_dict(cls, data: dict) -> History:
@@ -126,6 +128,41 @@ class History:
 # Trainer
 
 
+class SingleProcess:
+    """The data-parallel hooks of :class:`Trainer` for a run in one process: the whole batch is
+    this process's shard and there is nothing to exchange. ``fastconv.data_parallel.DataParallel``
+    implements the same hooks over MPI."""
+
+    rank, size = 0, 1
+
+    def local(self, count: int) -> slice:
+        return slice(0, count)
+
+    def seed_step(self, generators: dict, words: list[int]) -> None:
+        """Alone, Dropout's generators keep their own streams (saved in each checkpoint)."""
+
+    def reduce_step(self, model, local, total, loss_sum, correct, stop) -> tuple[float, int]:
+        return loss_sum, correct
+
+    def should_stop(self, interrupted: bool) -> bool:
+        return interrupted
+
+    def sync_buffers(self, model) -> None:
+        pass
+
+    def end_epoch(self, model, epoch: int) -> None:
+        pass
+
+    def evaluate(self, model, x, y, batch_size: int = 500) -> Evaluation:
+        return evaluate(model, x, y, batch_size=batch_size)
+
+    def broadcast(self, value):
+        return value
+
+    def guard(self):
+        return nullcontext()
+
+
 class Trainer:
     """Mini-batch training with seeded shuffling, validation, early stopping and checkpoints.
 
@@ -142,7 +179,7 @@ class Trainer:
     A checkpoint that cannot be written (disk full, permissions) leaves the previous one intact;
     a :class:`CheckpointWarning` says so and training continues.
 
-    ``parallel``: a :class:`fastconv.distributed.DataParallel` for data-parallel training over
+    ``parallel``: a :class:`fastconv.data_parallel.DataParallel` for data-parallel training over
     MPI (None, or one rank: this process alone). ``batch_size`` is then the global batch: each
     rank takes its shard of every batch (at least 2 samples, so a last batch smaller than twice
     the ranks is dropped), gradients are averaged after backward and every rank takes the same
@@ -157,9 +194,7 @@ class Trainer:
         handle_sigint: bool = True, parallel=None,
     ):
         if criterion is None:
-            from .nn import CrossEntropyLoss
-
-            criterion = CrossEntropyLoss()
+            criterion = nn.CrossEntropyLoss()
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
         _check_positive_int("batch_size", batch_size)
@@ -182,8 +217,8 @@ class Trainer:
         self.stopped_early = False
         self._interrupted = False
         self._save_error: str | None = None
-        self.parallel = parallel if parallel is not None and parallel.size > 1 else None
-        if self.parallel is not None and batch_size < 2 * self.parallel.size:
+        self.parallel = parallel if parallel is not None and parallel.size > 1 else SingleProcess()
+        if self.parallel.size > 1 and batch_size < 2 * self.parallel.size:
             raise ValueError(f"batch_size {batch_size} is too small for {self.parallel.size} "
                              f"ranks: each rank needs at least 2 samples of every batch")
 
@@ -203,8 +238,7 @@ class Trainer:
         _check_positive_int("epochs", epochs)
         if patience is not None:
             _check_positive_int("patience", patience)
-        guard = nullcontext() if self.parallel is None else self.parallel.guard()
-        with self._sigint_guard(), guard:  # data-parallel: an error in one rank ends the job
+        with self._sigint_guard(), self.parallel.guard():  # data-parallel: an error in one rank ends the job
             while self.epoch < epochs and not self.stopped_early:
                 self._run_epoch(x, y, epochs, validation, patience, min_delta)
         return self.history
@@ -213,8 +247,8 @@ class Trainer:
         epoch, n, size = self.epoch, len(x), self.batch_size
         order = np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(n)
         steps = math.ceil(n / size)
-        last, ranks = n - (steps - 1) * size, 1 if self.parallel is None else self.parallel.size
-        if last < 2 * ranks and last < size and steps > 1:
+        last = n - (steps - 1) * size
+        if last < 2 * self.parallel.size and last < size and steps > 1:
             steps -= 1  # a batch of one sample (per rank) breaks BatchNorm's statistics; drop it
         totals = self._totals
         if self.step == 0:
@@ -228,18 +262,16 @@ class Trainer:
                 xb, yb = x[index], y[index]
                 if self.augment is not None:  # data-parallel too: of the global batch, as alone
                     xb = self.augment(xb, np.random.default_rng([self.seed, _AUGMENT, epoch, step]))
-                if self.parallel is not None:  # this rank's shard; dropout streams of its own
-                    part = self.parallel.local(len(index))
-                    xb, yb = xb[part], yb[part]
-                    self.parallel.seed_step(_generators(self.model), [self.seed, epoch, step])
+                part = self.parallel.local(len(index))  # this rank's shard of the batch
+                xb, yb = xb[part], yb[part]
+                self.parallel.seed_step(_generators(self.model), [self.seed, epoch, step])
                 logits = self.model(xb)
                 loss = float(self.criterion(logits, yb))
                 self.model.zero_grad()
                 self.model.backward(self.criterion.backward())
                 loss_sum, correct = loss * len(yb), int((np.argmax(logits, axis=1) == yb).sum())
-                if self.parallel is not None:  # average gradients; sum counts; agree on Ctrl-C
-                    loss_sum, correct = self.parallel.reduce_step(
-                        self.model, len(yb), len(index), loss_sum, correct, self._interrupted)
+                loss_sum, correct = self.parallel.reduce_step(  # average gradients, sum counts
+                    self.model, len(yb), len(index), loss_sum, correct, self._interrupted)
                 self.optimizer.step()
                 if self.scheduler is not None and self.scheduler_interval == "step":
                     self.scheduler.step()
@@ -271,11 +303,9 @@ class Trainer:
         row = {"epoch": self.epoch + 1, "train_loss": totals["loss"] / seen,
                "train_acc": totals["correct"] / seen, "lr": totals["lr"]}
         started = time.perf_counter()
-        if self.parallel is not None:  # same BatchNorm statistics everywhere; check the weights
-            self.parallel.end_epoch(self.model, self.epoch + 1)
+        self.parallel.end_epoch(self.model, self.epoch + 1)
         if validation is not None:
-            score = evaluate if self.parallel is None else self.parallel.evaluate
-            result = score(self.model, *validation, batch_size=max(self.batch_size, 256))
+            result = self.parallel.evaluate(self.model, *validation, batch_size=max(self.batch_size, 256))
             row.update(val_loss=result.loss, val_acc=result.accuracy)
         row["time"] = totals["time"] + time.perf_counter() - started
         self.history.append(**row)
@@ -289,7 +319,7 @@ class Trainer:
                 self.stopped_early = self.bad_epochs >= patience
         self.epoch, self.step = self.epoch + 1, 0
         self._totals = _fresh_totals()
-        if self.log is not None and (self.parallel is None or self.parallel.rank == 0):
+        if self.log is not None and self.parallel.rank == 0:
             self.log(_epoch_line(row, epochs, self.stopped_early))
         path = self.save_checkpoint()
         if self._stopping():
@@ -297,10 +327,10 @@ class Trainer:
 
     def _stopping(self) -> bool:
         """Ctrl-C seen: here, or in a data-parallel run on any rank (agreed at each step)."""
-        return self._interrupted if self.parallel is None else self.parallel.stop_requested
+        return self.parallel.should_stop(self._interrupted)
 
     def _bar(self, epoch, epochs, total, initial):
-        if not self.progress or (self.parallel is not None and self.parallel.rank != 0):
+        if not self.progress or self.parallel.rank != 0:
             return None
         from tqdm.auto import tqdm
 
@@ -320,8 +350,6 @@ class Trainer:
         self._save_error = None
         if path is None:
             return None
-        if self.parallel is None:
-            return self._write_checkpoint(path)
         self.parallel.sync_buffers(self.model)  # the same BatchNorm statistics on every rank
         saved = self._write_checkpoint(path) if self.parallel.rank == 0 else None
         # Everyone goes on once the file is in place (a rank may read it next, to resume).
@@ -329,8 +357,6 @@ class Trainer:
         return saved
 
     def _write_checkpoint(self, path: Path) -> Path | None:
-        from .io import SaveError, save_checkpoint
-
         try:
             save_checkpoint(
                 path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -350,8 +376,6 @@ class Trainer:
         Everything is checked before anything changes: a checkpoint that does not fit this
         model raises ``ValueError`` and leaves the trainer and model as they were.
         """
-        from .io import load_checkpoint
-
         ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         state = ckpt.extra.get("trainer")
         if not isinstance(state, dict):
@@ -448,86 +472,6 @@ def fit(model, optimizer, x, y, epochs: int, *, validation=None, patience=None, 
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@dataclass
-class Evaluation:
-    """Scores of a model on labelled data; ``confusion[i, j]`` counts class i predicted as j."""
-
-    accuracy: float
-    loss: float
-    per_class_accuracy: np.ndarray  # NaN for a class absent from the labels
-    confusion: np.ndarray
-    count: int
-
-    def to_dict(self) -> dict:
-        return {
-            "accuracy": self.accuracy, "loss": self.loss, "count": self.count,
-            "per_class_accuracy": [None if math.isnan(a) else float(a) for a in self.per_class_accuracy],
-            "confusion": self.confusion.tolist(),
-        }
-
-
-def predict_proba(model, x, batch_size: int = 500) -> np.ndarray:
-    """Class probabilities (softmax of the logits), ``(N, classes)``, computed in eval mode."""
-    return _softmax(_logits(model, x, batch_size))
-
-
-def predict(model, x, batch_size: int = 500) -> np.ndarray:
-    """The most probable class of each sample, int64 ``(N,)``."""
-    return np.argmax(_logits(model, x, batch_size), axis=1).astype(np.int64)
-
-
-def evaluate(model, x, y, batch_size: int = 500, num_classes: int | None = None) -> Evaluation:
-    """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix on ``(x, y)``."""
-    x, y = _check_data(x, y, "x", "y")
-    logits = _logits(model, x, batch_size)
-    classes = logits.shape[1] if num_classes is None else num_classes
-    if len(y) and (y.min() < 0 or y.max() >= classes):
-        raise ValueError(f"y: labels must be in [0, {classes}), found {y.min()}..{y.max()}")
-    log_probs = _log_softmax(logits.astype(np.float64))
-    loss = float(-log_probs[np.arange(len(y)), y].mean()) if len(y) else float("nan")
-    predicted = np.argmax(logits, axis=1)
-    confusion = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(confusion, (y, predicted), 1)
-    totals = confusion.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1), np.nan)
-    accuracy = float((predicted == y).mean()) if len(y) else float("nan")
-    return Evaluation(accuracy, loss, per_class, confusion, len(y))
-
-
-def _logits(model, x, batch_size):
-    _check_positive_int("batch_size", batch_size)
-    x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"x: expected (N, C, H, W), got shape {x.shape}")
-    from .nn import no_grad
-
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with no_grad():
-            parts = [np.asarray(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-    finally:
-        if was_training:
-            model.train()
-    if not parts:
-        raise ValueError("x: no samples")
-    return np.concatenate(parts)
-
-
-def _log_softmax(logits):
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def _softmax(logits):
-    return np.exp(_log_softmax(logits.astype(np.float64)))
-
-
-# --------------------------------------------------------------------------------------------
 # Data helpers
 
 
@@ -603,21 +547,3 @@ def _generators(model) -> dict[str, np.random.Generator]:
 
 def _generator_states(model) -> dict:
     return {name: g.bit_generator.state for name, g in _generators(model).items()}
-
-
-def _check_positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_data(x, y, x_name, y_name):
-    x, y = np.asarray(x), np.asarray(y)
-    if x.ndim != 4:
-        raise ValueError(f"{x_name}: expected (N, C, H, W), got shape {x.shape}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"{y_name}: expected ({len(x)},) labels, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{y_name}: expected integer labels, got dtype {y.dtype}")
-    if len(x) == 0:
-        raise ValueError(f"{x_name}: no samples")
-    return x, y.astype(np.int64, copy=False)

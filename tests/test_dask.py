@@ -1,4 +1,4 @@
-"""fastconv.distributed.predict_dask on a LocalCluster of 2 worker processes (1 thread each).
+"""fastconv.dask_inference.predict_dask on a LocalCluster of 2 worker processes (1 thread each).
 
 Workers run fastconv single-threaded, so the single-process reference here runs with one thread
 and the same batch size: then the probabilities are identical bit for bit (the dense layers' BLAS
@@ -23,7 +23,7 @@ import dask.array as da  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
 
 import fastconv  # noqa: E402
-from fastconv import distributed  # noqa: E402
+from fastconv import dask_inference as distributed  # noqa: E402
 from trained_models import need_mnist, png_bytes, small_model  # noqa: E402
 
 
@@ -68,10 +68,10 @@ def test_mnist_test_set_identical_to_one_process(client, model_path, test_set):
 
 
 def test_the_model_is_built_once_per_worker(client, model_path, test_set):
-    before = client.run(lambda: fastconv.distributed.models_built)
+    before = client.run(lambda: fastconv.dask_inference.models_built)
     for _ in range(2):
         distributed.predict_dask(model_path, test_set[:1000], client, batch_size=100)
-    after = client.run(lambda: fastconv.distributed.models_built)
+    after = client.run(lambda: fastconv.dask_inference.models_built)
     assert all(after[w] - before.get(w, 0) <= 1 for w in after), (before, after)
 
 

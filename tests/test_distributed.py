@@ -1,4 +1,4 @@
-"""fastconv.distributed over MPI: data-parallel training as `mpiexec -n 2` runs it.
+"""fastconv.data_parallel over MPI: data-parallel training as `mpiexec -n 2` runs it.
 
 The MPI tests start `mpiexec -n 2 --oversubscribe --allow-run-as-root` on a script that this
 file writes (every rank saves what it ended with), run the same script once as a plain process
@@ -36,7 +36,7 @@ import pytest
 
 import fastconv
 from conftest import DATA_ROOT
-from fastconv import distributed
+from fastconv import data_parallel as distributed
 
 MNIST = DATA_ROOT / "mnist"
 
@@ -119,7 +119,7 @@ def test_without_a_launcher_everything_is_one_plain_process(monkeypatch):
     assert (parallel.rank, parallel.size) == (0, 1)
     trainer = fastconv.train.Trainer(model, fastconv.optim.SGD(model.parameters(), lr=0.1),
                                      parallel=parallel)
-    assert trainer.parallel is None  # one rank: the plain loop
+    assert isinstance(trainer.parallel, fastconv.train.SingleProcess)  # one rank: the plain loop
 
 
 @needs_mnist
@@ -149,7 +149,8 @@ SCRIPT = textwrap.dedent('''
     import json, os, signal, sys
     import numpy as np
     import fastconv
-    from fastconv import datasets, distributed, models, optim
+    from fastconv import data_parallel as distributed
+    from fastconv import datasets, models, optim
     from fastconv.train import Trainer, TrainingInterrupted, random_shift
 
     data_dir, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import fastconv.onnx as fo  # noqa: E402
 from fastconv import nn, optim  # noqa: E402
-from fastconv.nn_graph import Graph  # noqa: E402
+from fastconv.onnx.graph import Graph  # noqa: E402
 
 RTOL = 1e-4  # relative to the largest magnitude of onnxruntime's output (float32)
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64

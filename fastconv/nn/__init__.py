@@ -17,10 +17,8 @@ from .layers import (
     ReLU,
 )
 from .loss import CrossEntropyLoss
-from .module import (
-    IncompatibleKeys, Module, Parameter, Sequential, from_config, is_grad_enabled, no_grad,
-    register, to_config,
-)
+from .module import IncompatibleKeys, Module, Parameter, is_grad_enabled, no_grad, register
+from .sequential import Sequential, from_config, to_config
 
 __all__ = [
     "Module", "Parameter", "Sequential", "IncompatibleKeys", "Conv2d", "MaxPool2d", "AvgPool2d",

@@ -76,13 +76,13 @@ class Conv2d(Module):
         fused kernel does not apply; `pool` keeps what its backward needs."""
         x = np.ascontiguousarray(x)
         bias = None if self.bias is None else self.bias.data
-        fused = F._conv2d_max_pool2d(x, self.weight.data, bias, *self._geometry(), pool._args(),
+        fused = F._conv2d_max_pool2d(x, self.weight.data, bias, *self._geometry(), pool.window(),
                                      with_indices=is_grad_enabled())
         if fused is None:
             return None
         self._x = x
-        out, pool._indices, pool._input_shape = fused
-        pool._x = None
+        out, indices, pooled_shape = fused
+        pool.keep_indices(indices, pooled_shape)
         return out
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
@@ -127,8 +127,16 @@ class MaxPool2d(Module):
         self.padding, self.dilation = _tuple(padding), _tuple(dilation)
         self.ceil_mode = bool(ceil_mode)
 
-    def _args(self):
+    def window(self) -> tuple:
+        """``(kernel_size, stride, padding, dilation, ceil_mode)``, as F.max_pool2d takes them."""
         return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+
+    _args = window
+
+    def keep_indices(self, indices: np.ndarray | None, input_shape: tuple) -> None:
+        """What backward needs when this pooling ran fused into the layer before it: the argmax
+        indices of each window into an input of ``input_shape`` (which was not kept)."""
+        self._x, self._indices, self._input_shape = None, indices, input_shape
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         if not is_grad_enabled():  # no backward to come: the values-only kernel is faster

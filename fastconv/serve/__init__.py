@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .. import inference, nn
 
 __all__ = [
     "INSTALL_HINT",
@@ -66,22 +69,17 @@ class Predictor:
 
     def __init__(self, model, meta: dict | None = None, name: str = "model"):
         self.model, self.meta, self.name = model, dict(meta or {}), name
-        shape = self.meta.get("input_shape") or [1, 28, 28]
-        if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
-            raise ValueError(f"{name}: the web page needs a one-channel square input, the model "
-                             f"takes {shape}")
-        self.input_shape = [int(d) for d in shape]
-        self.mean = float(self.meta.get("mean", 0.0))
-        self.std = float(self.meta.get("std", 1.0))
+        self.image_input = inference.ImageInput.of(self.meta, name, use="the web page")
+        self.input_shape = list(self.image_input.shape)
+        self.mean, self.std = self.image_input.mean, self.image_input.std
         self._lock = threading.Lock()
         if hasattr(model, "eval"):
             model.eval()
-        classes = self.meta.get("classes")
-        if classes is None:
+        count = 0
+        if self.meta.get("classes") is None:
             with self._lock:
-                width = self._probabilities(np.zeros((1, *self.input_shape), np.float32)).shape[1]
-            classes = [str(i) for i in range(width)]
-        self.classes = [str(c) for c in classes]
+                count = self._probabilities(np.zeros((1, *self.input_shape), np.float32)).shape[1]
+        self.classes = inference.class_names(self.meta, count)
 
     @classmethod
     def load(cls, source) -> Predictor:
@@ -91,9 +89,7 @@ class Predictor:
         if isinstance(source, Predictor):
             return source
         if isinstance(source, (str, os.PathLike)):
-            from .. import io
-
-            model, meta = io.load_any_model(source)
+            model, meta = inference.load_any_model(source)
             return cls(model, meta, name=Path(source).name)
         if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], dict):
             return cls(*source)
@@ -106,13 +102,11 @@ class Predictor:
         """Class probabilities of one image (anything :func:`to_mnist_input` takes).
 
         Raises ``ValueError`` for an image that cannot be decoded or is too large."""
-        from ..preprocess import to_mnist_input
-
-        x = to_mnist_input(image, size=self.input_shape[1], mean=self.mean, std=self.std)
+        x = self.image_input.frame(image)
         with self._lock:
             probabilities = self._probabilities(x[np.newaxis])[0]
         k = int(np.argmax(probabilities))
-        seen = np.clip(x[0] * self.std + self.mean, 0, 1)
+        seen = np.clip(self.image_input.pixels(x[0]), 0, 1)
         return {
             "class": k, "label": self.classes[k],
             "probabilities": [float(p) for p in probabilities], "labels": self.classes,
@@ -120,14 +114,10 @@ class Predictor:
         }
 
     def _probabilities(self, x):
-        from ..train import predict_proba
-
-        return predict_proba(self.model, x)
+        return inference.predict_proba(self.model, x)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /api/model`` returns."""
-        from .. import nn
-
         model = self.model
         try:
             architecture = nn.to_config(model)
@@ -239,8 +229,6 @@ async def _read_body(request, limit, HTTPException, ClientDisconnect) -> bytes:
 
 def _clean(message: str) -> str:
     """Pillow names its in-memory stream (``<_io.BytesIO object at 0x...>``): drop that."""
-    import re
-
     message = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", message)
     return message.rstrip(": ")
 

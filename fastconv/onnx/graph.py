@@ -27,9 +27,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import functional as F
-from .nn import LeakyReLU, ReLU
-from .nn.module import Module, Parameter, is_grad_enabled
+from .. import functional as F
+from ..nn import LeakyReLU, ReLU
+from ..nn.module import Module, Parameter, is_grad_enabled
 
 __all__ = ["Graph", "Node", "ValueInfo", "Op"]
 

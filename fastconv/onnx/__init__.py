@@ -33,10 +33,13 @@ from typing import Callable
 
 import numpy as np
 
-from ._files import atomic_write
+from .. import nn
+from .._args import conv_padding
+from .._files import atomic_write
+from ..io import ModelFile
 
-from . import nn_graph as G
-from .nn_graph import Graph, Node, ValueInfo
+from . import graph as G
+from .graph import Graph, Node, ValueInfo
 
 __all__ = [
     "load",
@@ -111,8 +114,6 @@ def load_model(source):
     """`model, meta = load_model(path)`, as fastconv.io.load_model returns for fastconv's own
     files: the Graph and its `meta` (what `save(..., meta=...)` stored, e.g. classes, mean and
     std, plus input_shape [C, H, W] when the file fixes it). Errors as `load`."""
-    from .io import ModelFile
-
     graph = load(source)
     return ModelFile(graph, dict(graph.meta))
 
@@ -896,8 +897,6 @@ class _Exporter:
         self.value, self.rank, self.count = "input", None, 0
 
     def export(self, model, input_shape):
-        from . import nn
-
         layers = list(_leaves(model, ""))
         if not layers:
             raise ValueError("save: the model has no layers")
@@ -955,9 +954,6 @@ class _Exporter:
         return name
 
     def _layer(self, key: str, layer) -> None:
-        from . import nn
-        from ._args import conv_padding
-
         prefix = f"{key}." if key else ""
         if isinstance(layer, nn.Conv2d):
             t, b, lft, r = conv_padding(
@@ -1065,8 +1061,6 @@ def _contiguous(array: np.ndarray) -> np.ndarray:
 
 
 def _leaves(module, prefix: str):
-    from . import nn
-
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
             yield from _leaves(child, f"{prefix}{name}" if not prefix else f"{prefix}.{name}")
