@@ -16,7 +16,11 @@ from typing import Any, Literal, overload
 import numpy as np
 import numpy.typing as npt
 
-from . import _args, _blas, _conv, _norm, _pool
+# Absolute, not `from . import _conv`: fastconv/__init__ imports _conv from itself (to explain a
+# missing build), and mypy then resolves `from . import _conv` to that unexported attribute.
+import fastconv._conv as _conv
+
+from . import _args, _blas, _norm, _pool
 from .threads import get_num_threads
 
 __all__ = [
