@@ -63,25 +63,47 @@ def worker(args) -> None:
     for _ in range(args.repeat):
         model = models.digit_cnn(**MODELS[args.model])
         optimizer = optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
-        trainer = Trainer(model, optimizer, batch_size=BATCH, augment=random_shift,
-                          progress=False, parallel=parallel, handle_sigint=False)
+        trainer = Trainer(
+            model,
+            optimizer,
+            batch_size=BATCH,
+            augment=random_shift,
+            progress=False,
+            parallel=parallel,
+            handle_sigint=False,
+        )
         trainer.fit(x[: 5 * BATCH], y[: 5 * BATCH], 1)  # warm-up: first calls, page faults
         parallel.reduce_seconds, parallel.reduce_calls, parallel.reduce_bytes = 0.0, 0, 0
-        trainer = Trainer(model, optimizer, batch_size=BATCH, augment=random_shift,
-                          progress=False, parallel=parallel, handle_sigint=False)
+        trainer = Trainer(
+            model,
+            optimizer,
+            batch_size=BATCH,
+            augment=random_shift,
+            progress=False,
+            parallel=parallel,
+            handle_sigint=False,
+        )
         started = time.perf_counter()
         trainer.fit(x[5 * BATCH :], y[5 * BATCH :], 1)
         seconds = time.perf_counter() - started
         if parallel.comm is not None:  # the slowest rank decides
             seconds = parallel.comm.allreduce(seconds, op=_mpi_max())
-        run = {"images_per_s": args.steps * BATCH / seconds, "step_ms": 1e3 * seconds / args.steps,
-               "reduce_ms": 1e3 * parallel.reduce_seconds / max(parallel.reduce_calls, 1)}
+        run = {
+            "images_per_s": args.steps * BATCH / seconds,
+            "step_ms": 1e3 * seconds / args.steps,
+            "reduce_ms": 1e3 * parallel.reduce_seconds / max(parallel.reduce_calls, 1),
+        }
         if best is None or run["images_per_s"] > best["images_per_s"]:
             best = run
     gradient_bytes = sum(p.data.nbytes for p in model.parameters())
-    result = {"model": args.model, "ranks": parallel.size, "threads": args.threads,
-              "parameters": sum(p.data.size for p in model.parameters()),
-              "gradient_bytes": gradient_bytes, **best}
+    result = {
+        "model": args.model,
+        "ranks": parallel.size,
+        "threads": args.threads,
+        "parameters": sum(p.data.size for p in model.parameters()),
+        "gradient_bytes": gradient_bytes,
+        **best,
+    }
     if parallel.size > 1:
         result["allreduce_alone_ms"] = _allreduce_alone(parallel.comm, gradient_bytes // 4)
     if parallel.rank == 0:
@@ -127,13 +149,23 @@ def _data(count: int):
 
 
 def measure(args) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "FASTCONV_NUM_THREADS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "FASTCONV_NUM_THREADS")
+    }
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     mpiexec = Path(sys.executable).parent / "mpiexec"
     mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(args.steps),
-          "--repeat", str(args.repeat)]
+    me = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--steps",
+        str(args.steps),
+        "--repeat",
+        str(args.repeat),
+    ]
     ranks = [mpiexec, "-n", "2", "--oversubscribe"]
     big = ["--model", "digit-cnn-10x", "--steps", str(max(5, args.steps // 4))]
     runs = {
@@ -168,8 +200,10 @@ def largest_efficient(compute_s: float, gradient_bytes: int, bandwidth: float) -
 
 def report(results: dict) -> str:
     lines = []
-    for title, one, two in (("digit CNN", results["1x2"], results["2x1"]),
-                            ("10x CNN", results["10x 1x2"], results["10x 2x1"])):
+    for title, one, two in (
+        ("digit CNN", results["1x2"], results["2x1"]),
+        ("10x CNN", results["10x 1x2"], results["10x 2x1"]),
+    ):
         lines += [
             f"training, {title} ({one['parameters']:,} parameters), global batch {BATCH}:",
             f"  1 rank  x 2 threads: {one['images_per_s']:7.0f} images/s "
@@ -187,8 +221,11 @@ def report(results: dict) -> str:
         "(efficiency = (compute/K) / (compute/K + 2(K-1)/K x bytes / bandwidth)):",
     ]
     ks = (2, 4, 8, 16, 32)
-    lines.append(f"  {'model':<16}{'network':<9}" + "".join(f"{'K=' + str(k):>7}" for k in ks)
-                 + f"   K at >= {EFFICIENCY:.0%}   batch per machine kept, any K")
+    lines.append(
+        f"  {'model':<16}{'network':<9}"
+        + "".join(f"{'K=' + str(k):>7}" for k in ks)
+        + f"   K at >= {EFFICIENCY:.0%}   batch per machine kept, any K"
+    )
     for name, prefix in (("digit CNN", ""), ("10x CNN", "10x ")):
         runs = (results[prefix + "1x2"], results[prefix + "2x1"])
         compute = min(run["step_ms"] for run in runs) / 1e3
@@ -208,8 +245,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="digit-cnn", choices=list(MODELS),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model", default="digit-cnn", choices=list(MODELS), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)

@@ -33,6 +33,7 @@ def main() -> None:
             finally:
                 key = f"{cls.__name__}.{name}"
                 spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+
         setattr(cls, name, wrapper)
 
     for cls in (layers.Conv2d, layers.MaxPool2d, layers.ReLU, layers.Linear, layers.Flatten):
@@ -49,7 +50,9 @@ def main() -> None:
     print(f"step: {total:.2f} ms (batch {args.batch}, {args.threads} threads)")
     for key, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {key:<22} {seconds / args.steps * 1e3:6.2f} ms")
-    print(f"  {'rest (loss, optimiser)':<22} {total - sum(spent.values()) / args.steps * 1e3:6.2f} ms")
+    print(
+        f"  {'rest (loss, optimiser)':<22} {total - sum(spent.values()) / args.steps * 1e3:6.2f} ms"
+    )
 
 
 if __name__ == "__main__":

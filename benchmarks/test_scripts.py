@@ -16,8 +16,13 @@ DATA = Path(os.environ.get("FASTCONV_DATA_DIR") or HERE.parents[1] / "shared" / 
 
 
 def script(name, *args, timeout=900):
-    result = subprocess.run([sys.executable, str(HERE / name), *map(str, args)],
-                            capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        [sys.executable, str(HERE / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -37,8 +42,21 @@ def test_onnx_parity_agreement(tmp_path):
     if not (DATA / "mnist").is_dir():
         pytest.skip(f"MNIST not found under {DATA} (set FASTCONV_DATA_DIR)")
     out = tmp_path / "parity.json"
-    script("onnx_parity.py", "--data-dir", DATA / "mnist", "--epochs", "0.02", "--repeats", "1",
-           "--batch", "16", "--threads", "1", "--json", out)  # exits 1 below 99.9% agreement
+    script(
+        "onnx_parity.py",
+        "--data-dir",
+        DATA / "mnist",
+        "--epochs",
+        "0.02",
+        "--repeats",
+        "1",
+        "--batch",
+        "16",
+        "--threads",
+        "1",
+        "--json",
+        out,
+    )  # exits 1 below 99.9% agreement
     result = json.loads(out.read_text())
     assert result["test_images"] == 10000 and result["agreement"] >= 0.999
     assert result["accuracy_fastconv"] == pytest.approx(result["accuracy_onnxruntime"], abs=1e-3)

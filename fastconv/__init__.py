@@ -10,27 +10,79 @@ from . import _runtime
 
 _runtime.configure()  # before the kernels load: see fastconv/_runtime.py
 
+try:
+    from . import _conv  # noqa: F401  (the compiled kernels)
+except ImportError as err:
+    # Run from a checkout that was never built in place, Python finds this source tree first
+    # and no compiled kernels in it (as NumPy does, say so in one sentence).
+    raise ImportError(
+        f"fastconv's compiled kernels are missing from {__path__[0]}: this is a source tree "
+        "that was not built in place; run Python from outside it to use the installed fastconv, "
+        "or build it here with `pip install -e .` (the contributor setup)"
+    ) from err
+
 from .functional import (
-    avg_pool2d, avg_pool2d_backward, batch_norm, batch_norm_backward, conv2d, conv2d_backward,
-    fold, get_conv_algorithm, max_pool2d, max_pool2d_backward, set_conv_algorithm, set_workspace_limit,
-    unfold, workspace_limit,
+    avg_pool2d,
+    avg_pool2d_backward,
+    batch_norm,
+    batch_norm_backward,
+    conv2d,
+    conv2d_backward,
+    fold,
+    get_conv_algorithm,
+    max_pool2d,
+    max_pool2d_backward,
+    set_conv_algorithm,
+    set_workspace_limit,
+    unfold,
+    workspace_limit,
 )
 from .threads import _from_environment, get_num_threads, set_num_threads
 
 _from_environment()
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 __all__ = [
-    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-    "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
-    "set_num_threads", "get_num_threads",
-    "set_workspace_limit", "workspace_limit", "set_conv_algorithm", "get_conv_algorithm",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "unfold",
+    "fold",
+    "batch_norm",
+    "batch_norm_backward",
+    "set_num_threads",
+    "get_num_threads",
+    "set_workspace_limit",
+    "workspace_limit",
+    "set_conv_algorithm",
+    "get_conv_algorithm",
 ]
 
 _SUBMODULES = {
-    "reference", "functional", "nn", "optim", "train", "datasets", "preprocess", "io", "onnx",
-    "plots", "serve", "distributed", "cli", "threads", "models", "bench",
+    "reference",
+    "functional",
+    "nn",
+    "optim",
+    "train",
+    "datasets",
+    "preprocess",
+    "io",
+    "onnx",
+    "plots",
+    "serve",
+    "distributed",
+    "cli",
+    "threads",
+    "models",
+    "bench",
+    "inference",
+    "recipe",
+    "data_parallel",
+    "dask_inference",
 }
 
 

@@ -58,7 +58,9 @@ MAX_PARAMETER = 2**31 - 1
 
 def pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each in [minimum, MAX_PARAMETER]."""
-    values = (value, value) if isinstance(value, Integral) else tuple(value) if _is_seq(value) else None
+    values = (
+        (value, value) if isinstance(value, Integral) else tuple(value) if _is_seq(value) else None
+    )
     if (
         values is None
         or len(values) != 2
@@ -79,7 +81,9 @@ def _is_seq(value: object) -> TypeGuard[Sequence[Any] | np.ndarray]:
 def check_nonempty(name: str, shape: tuple[int, ...], from_axis: int = 1) -> None:
     """Batch may be empty (as in torch); channels and spatial sizes may not."""
     if any(s == 0 for s in shape[from_axis:]):
-        raise ValueError(f"{name}: channel and spatial dimensions must be non-zero, got shape {shape}")
+        raise ValueError(
+            f"{name}: channel and spatial dimensions must be non-zero, got shape {shape}"
+        )
 
 
 def check_fits(name: str, shape: tuple[int, ...], itemsize: int) -> None:
@@ -130,13 +134,26 @@ class ConvGeometry:
     @property
     def pool_args(self) -> tuple[int, ...]:
         """(kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w)."""
-        return (self.kh, self.kw, self.stride[0], self.stride[1], self.pad_top, self.pad_left,
-                self.dilation[0], self.dilation[1])
+        return (
+            self.kh,
+            self.kw,
+            self.stride[0],
+            self.stride[1],
+            self.pad_top,
+            self.pad_left,
+            self.dilation[0],
+            self.dilation[1],
+        )
 
 
-def sliding_geometry(name: str, shape: tuple[int, ...], kernel: tuple[int, int],
-                     stride: tuple[int, int], padding: tuple[int, ...],
-                     dilation: tuple[int, int]) -> ConvGeometry:
+def sliding_geometry(
+    name: str,
+    shape: tuple[int, ...],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, ...],
+    dilation: tuple[int, int],
+) -> ConvGeometry:
     """Geometry for conv/unfold/fold: padding is an int pair or (top, bottom, left, right)."""
     n, c, h, w = shape
     kh, kw = kernel
@@ -157,8 +174,12 @@ def sliding_geometry(name: str, shape: tuple[int, ...], kernel: tuple[int, int],
     return ConvGeometry(n, c, h, w, kh, kw, stride, dilation, top, left, out_h, out_w)
 
 
-def conv_padding(padding: int | tuple[int, int] | str, kernel: tuple[int, int],
-                 stride: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+def conv_padding(
+    padding: int | tuple[int, int] | str,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) from an int, a pair, 'valid' or 'same' (torch's rules)."""
     if isinstance(padding, str):
         if padding == "valid":
@@ -184,9 +205,14 @@ class ConvArgs:
     unbatched: bool
 
 
-def conv_args(x: npt.ArrayLike, weight: npt.ArrayLike, stride: int | tuple[int, int],
-              padding: int | tuple[int, int] | str, dilation: int | tuple[int, int],
-              groups: int) -> ConvArgs:
+def conv_args(
+    x: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: int | tuple[int, int],
+    groups: int,
+) -> ConvArgs:
     """Validate conv2d's arguments the way torch.nn.functional.conv2d does."""
     x = float_array("x", x)
     weight = float_array("weight", weight, x.dtype)
@@ -203,7 +229,9 @@ def conv_args(x: npt.ArrayLike, weight: npt.ArrayLike, stride: int | tuple[int, 
     check_nonempty("weight", weight.shape, 0)
     check_nonempty("x", x4.shape)
     if c_out % groups:
-        raise ValueError(f"groups: C_out = {c_out} (weight {weight.shape}) is not divisible by groups={groups}")
+        raise ValueError(
+            f"groups: C_out = {c_out} (weight {weight.shape}) is not divisible by groups={groups}"
+        )
     if x4.shape[1] != c_per_group * groups:
         raise ValueError(
             f"x: expected {c_per_group * groups} input channels (weight {weight.shape}, "
@@ -222,17 +250,22 @@ def bias_array(bias: npt.ArrayLike | None, weight: np.ndarray) -> np.ndarray | N
         return None
     bias = float_array("bias", bias, weight.dtype)
     if bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},) for weight {weight.shape}, got {bias.shape}")
+        raise ValueError(
+            f"bias: expected shape ({weight.shape[0]},) for weight {weight.shape}, got {bias.shape}"
+        )
     return bias
 
 
-def grad_output_array(grad_output: npt.ArrayLike, expected_shape: tuple[int, ...],
-                      dtype: np.dtype, unbatched: bool) -> np.ndarray:
+def grad_output_array(
+    grad_output: npt.ArrayLike, expected_shape: tuple[int, ...], dtype: np.dtype, unbatched: bool
+) -> np.ndarray:
     """grad_output must have exactly the forward output's shape (batched as the input was)."""
     grad = float_array("grad_output", grad_output, dtype)
     shown = expected_shape[1:] if unbatched else expected_shape
     if grad.shape != tuple(shown):
-        raise ValueError(f"grad_output: expected shape {tuple(shown)} (the forward output), got {grad.shape}")
+        raise ValueError(
+            f"grad_output: expected shape {tuple(shown)} (the forward output), got {grad.shape}"
+        )
     return grad[np.newaxis] if unbatched else grad
 
 
@@ -244,23 +277,40 @@ class PoolArgs:
     unbatched: bool
 
 
-def pool_args(x: npt.ArrayLike, kernel_size: int | tuple[int, int],
-              stride: int | tuple[int, int] | None, padding: int | tuple[int, int],
-              dilation: int | tuple[int, int], ceil_mode: bool) -> PoolArgs:
+def pool_args(
+    x: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None,
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    ceil_mode: bool,
+) -> PoolArgs:
     """Validate pooling arguments as torch's pool2d_shape_check does."""
     x = float_array("x", x)
     x4, unbatched = batched("x", x)
-    geometry = pool_geometry(x4.shape, x.itemsize, kernel_size, stride, padding, dilation, ceil_mode)
+    geometry = pool_geometry(
+        x4.shape, x.itemsize, kernel_size, stride, padding, dilation, ceil_mode
+    )
     return PoolArgs(x4, geometry, bool(ceil_mode), unbatched)
 
 
-def pool_geometry(shape: tuple[int, ...], itemsize: int, kernel_size: int | tuple[int, int],
-                  stride: int | tuple[int, int] | None, padding: int | tuple[int, int],
-                  dilation: int | tuple[int, int], ceil_mode: bool) -> ConvGeometry:
+def pool_geometry(
+    shape: tuple[int, ...],
+    itemsize: int,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None,
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    ceil_mode: bool,
+) -> ConvGeometry:
     """The pooling window geometry over an input of this (N, C, H, W) shape."""
     check_nonempty("x", shape)
     kernel = pair("kernel_size", kernel_size, 1)
-    stride = kernel if stride is None or (_is_seq(stride) and len(stride) == 0) else pair("stride", stride, 1)
+    stride = (
+        kernel
+        if stride is None or (_is_seq(stride) and len(stride) == 0)
+        else pair("stride", stride, 1)
+    )
     pad = pair("padding", padding, 0)
     dilation = pair("dilation", dilation, 1)
     if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
@@ -282,8 +332,9 @@ def pool_geometry(shape: tuple[int, ...], itemsize: int, kernel_size: int | tupl
     return ConvGeometry(n, c, h, w, *kernel, stride, dilation, pad[0], pad[1], out[0], out[1])
 
 
-def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int,
-                     ceil_mode: bool) -> int:
+def pool_output_size(
+    size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool
+) -> int:
     numerator = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
     out = numerator // stride + 1
     # torch: the last window must start inside the (left-padded) input.
@@ -292,24 +343,38 @@ def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: in
     return out
 
 
-def unfold_args(x: npt.ArrayLike, kernel_size: int | tuple[int, int],
-                dilation: int | tuple[int, int], padding: int | tuple[int, int],
-                stride: int | tuple[int, int]) -> tuple[np.ndarray, ConvGeometry, bool]:
+def unfold_args(
+    x: npt.ArrayLike,
+    kernel_size: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    stride: int | tuple[int, int],
+) -> tuple[np.ndarray, ConvGeometry, bool]:
     x = float_array("x", x)
     x4, unbatched = batched("x", x)
     check_nonempty("x", x4.shape)
     geometry = sliding_geometry(
-        "x", x4.shape, pair("kernel_size", kernel_size, 1), pair("stride", stride, 1),
-        pair("padding", padding, 0), pair("dilation", dilation, 1),
+        "x",
+        x4.shape,
+        pair("kernel_size", kernel_size, 1),
+        pair("stride", stride, 1),
+        pair("padding", padding, 0),
+        pair("dilation", dilation, 1),
     )
-    check_fits("output", (x4.shape[0], geometry.patch_size, geometry.out_h * geometry.out_w), x.itemsize)
+    check_fits(
+        "output", (x4.shape[0], geometry.patch_size, geometry.out_h * geometry.out_w), x.itemsize
+    )
     return x4, geometry, unbatched
 
 
-def fold_args(cols: npt.ArrayLike, output_size: int | tuple[int, int],
-              kernel_size: int | tuple[int, int], dilation: int | tuple[int, int],
-              padding: int | tuple[int, int],
-              stride: int | tuple[int, int]) -> tuple[np.ndarray, ConvGeometry, bool]:
+def fold_args(
+    cols: npt.ArrayLike,
+    output_size: int | tuple[int, int],
+    kernel_size: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    stride: int | tuple[int, int],
+) -> tuple[np.ndarray, ConvGeometry, bool]:
     """Validate fold (col2im): cols (N, C * kH * kW, L) or unbatched (C * kH * kW, L)."""
     cols = float_array("input", cols)
     unbatched = cols.ndim == 2
@@ -329,8 +394,12 @@ def fold_args(cols: npt.ArrayLike, output_size: int | tuple[int, int],
     c = rows // (kernel[0] * kernel[1])
     check_fits("output", (n, c, out_h, out_w), cols.itemsize)
     geometry = sliding_geometry(
-        "output_size", (n, c, out_h, out_w), kernel, pair("stride", stride, 1),
-        pair("padding", padding, 0), pair("dilation", dilation, 1),
+        "output_size",
+        (n, c, out_h, out_w),
+        kernel,
+        pair("stride", stride, 1),
+        pair("padding", padding, 0),
+        pair("dilation", dilation, 1),
     )
     if geometry.out_h * geometry.out_w != length:
         raise ValueError(
@@ -341,15 +410,18 @@ def fold_args(cols: npt.ArrayLike, output_size: int | tuple[int, int],
     return cols3, geometry, unbatched
 
 
-def pool_indices(indices: npt.ArrayLike, shape: tuple[int, ...], g: ConvGeometry,
-                 unbatched: bool) -> np.ndarray:
+def pool_indices(
+    indices: npt.ArrayLike, shape: tuple[int, ...], g: ConvGeometry, unbatched: bool
+) -> np.ndarray:
     """max_pool2d's indices: int64, the output's shape, each a flat position inside its plane."""
     indices = np.asarray(indices)
     if indices.dtype.kind not in "iu":
         raise TypeError(f"indices: expected an integer array, got dtype {indices.dtype}")
     shown = shape[1:] if unbatched else shape
     if indices.shape != tuple(shown):
-        raise ValueError(f"indices: expected shape {tuple(shown)} (the pooled output), got {indices.shape}")
+        raise ValueError(
+            f"indices: expected shape {tuple(shown)} (the pooled output), got {indices.shape}"
+        )
     # Each value's range is checked by the kernel as it reads it (-1 marks a window that held no
     # input element): a separate pass here would read them all twice.
     indices = np.ascontiguousarray(indices, dtype=np.int64)
@@ -364,10 +436,15 @@ class NormArgs:
     shape: tuple[int, ...]  # the input's own shape
 
 
-def batch_norm_args(x: npt.ArrayLike, running_mean: np.ndarray | None,
-                    running_var: np.ndarray | None, weight: npt.ArrayLike | None,
-                    bias: npt.ArrayLike | None, training: bool,
-                    statistics_given: bool = False) -> NormArgs:
+def batch_norm_args(
+    x: npt.ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: npt.ArrayLike | None,
+    bias: npt.ArrayLike | None,
+    training: bool,
+    statistics_given: bool = False,
+) -> NormArgs:
     """Validate batch_norm's arguments as torch.nn.functional.batch_norm does.
 
     statistics_given: the caller holds the forward's mean and 1/std (a backward pass), so eval
@@ -378,15 +455,21 @@ def batch_norm_args(x: npt.ArrayLike, running_mean: np.ndarray | None,
         raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
     channels = x.shape[1]
     vectors: dict[str, np.ndarray] = {}
-    for name, value in (("running_mean", running_mean), ("running_var", running_var),
-                        ("weight", weight), ("bias", bias)):
+    for name, value in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
         if value is None:
             vectors[name] = np.empty(0, dtype=x.dtype)
             continue
         array = value if name.startswith("running") else float_array(name, value, x.dtype)
         if not isinstance(array, np.ndarray) or array.shape != (channels,):
-            raise ValueError(f"{name}: expected shape ({channels},) for input {x.shape}, "
-                             f"got {getattr(array, 'shape', type(array).__name__)}")
+            raise ValueError(
+                f"{name}: expected shape ({channels},) for input {x.shape}, "
+                f"got {getattr(array, 'shape', type(array).__name__)}"
+            )
         vectors[name] = array
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: give both or neither")
@@ -394,6 +477,8 @@ def batch_norm_args(x: npt.ArrayLike, running_mean: np.ndarray | None,
         raise ValueError("running_mean: needed when training=False")
     count = x.size // channels if channels else 0
     if training and count < 2:
-        raise ValueError(f"input: expected more than 1 value per channel when training, got shape {x.shape}")
+        raise ValueError(
+            f"input: expected more than 1 value per channel when training, got shape {x.shape}"
+        )
     flat = x.reshape(x.shape[0], channels, -1) if x.size else x.reshape(x.shape[0], channels, 0)
     return NormArgs(flat, vectors["weight"], vectors["bias"], x.shape)

@@ -13,8 +13,9 @@ from typing import IO, Any
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb",
-                 **open_options: Any) -> Iterator[IO[Any]]:
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "wb", **open_options: Any
+) -> Iterator[IO[Any]]:
     """Yield a temporary file beside ``path``; when the block ends without error, flush and fsync
     it, give it the usual permissions, rename it over ``path`` and fsync the folder. On any
     error the temporary file is removed and ``path`` is left as it was."""

@@ -105,5 +105,3 @@ def save_safetensors(state_dict, path, metadata: Mapping[str, str] | None = None
     data = api.save(tensors, metadata=dict(metadata) if metadata is not None else None)
     with atomic_write(path) as f:
         f.write(data)
-
-

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 
 from . import _args, nn, optim, reference
-from . import onnx as fc_onnx
 from . import functional as F
+from . import onnx as fc_onnx
 from .threads import get_num_threads, set_num_threads
 
 BACKENDS = ("fastconv", "reference", "torch", "onnxruntime")
@@ -101,9 +101,19 @@ def _conv_case(layer, part):
 
             def backward():
                 return torch.ops.aten.convolution_backward(
-                    tg, tx, tw, [c_out], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1,
+                    tg,
+                    tx,
+                    tw,
+                    [c_out],
+                    [stride] * 2,
+                    [pad] * 2,
+                    [1, 1],
+                    False,
+                    [0, 0],
+                    1,
                     [True, True, True],
                 )
+
         if part == "forward":
             return forward
         if part == "backward":
@@ -115,6 +125,7 @@ def _conv_case(layer, part):
 
 
 # --- pooling, unfold/fold ----------------------------------------------------------------------
+
 
 def _pool_case(kind, part):
     x = _rng().standard_normal((64, 32, 28, 28), dtype=np.float32)
@@ -141,13 +152,14 @@ def _pool_case(kind, part):
             if kind == "max":
                 forward = lambda: aten.max_pool2d_with_indices(tx, [2, 2], [2, 2])  # noqa: E731
                 backward = lambda: aten.max_pool2d_with_indices_backward(  # noqa: E731
-                    tg, tx, [2, 2], [2, 2], [0, 0], [1, 1], False, ti)
+                    tg, tx, [2, 2], [2, 2], [0, 0], [1, 1], False, ti
+                )
             else:
                 forward = lambda: aten.avg_pool2d(tx, [2, 2], [2, 2])  # noqa: E731
                 backward = lambda: aten.avg_pool2d_backward(  # noqa: E731
-                    tg, tx, [2, 2], [2, 2], [0, 0], False, True, None)
-        return {"forward": forward, "backward": backward}.get(
-            part, lambda: (forward(), backward()))
+                    tg, tx, [2, 2], [2, 2], [0, 0], False, True, None
+                )
+        return {"forward": forward, "backward": backward}.get(part, lambda: (forward(), backward()))
 
     return Case(f"{kind} pool {part}", "x(64,32,28,28) 2x2/2", 0.0, make)
 
@@ -177,6 +189,7 @@ def _unfold_case(kind):
 
 # --- the LeNet-class model -----------------------------------------------------------------------
 
+
 def lenet_flops(batch: int) -> float:
     """Forward + backward multiply-adds of the LeNet-class model (conv1 needs no input grad)."""
     conv1 = 2.0 * batch * 32 * 28 * 28 * 9
@@ -187,37 +200,67 @@ def lenet_flops(batch: int) -> float:
 
 def fastconv_lenet(seed: int = 0):
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, rng=seed), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, rng=seed + 1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(3136, 128, rng=seed + 2), nn.ReLU(), nn.Linear(128, 10, rng=seed + 3),
+        nn.Conv2d(1, 32, 3, padding=1, rng=seed),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, rng=seed + 1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3136, 128, rng=seed + 2),
+        nn.ReLU(),
+        nn.Linear(128, 10, rng=seed + 3),
     )
 
 
 def torch_lenet(torch):
     nn = torch.nn
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3136, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
 def fastconv_lenet5(seed: int = 0):
     """LeNet-5 as benchmarks/onnx_parity.py trains it in torch: 5x5 convs, 6 and 16 channels."""
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2, rng=seed), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5, rng=seed + 1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(400, 120, rng=seed + 2), nn.ReLU(),
-        nn.Linear(120, 84, rng=seed + 3), nn.ReLU(), nn.Linear(84, 10, rng=seed + 4),
+        nn.Conv2d(1, 6, 5, padding=2, rng=seed),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, rng=seed + 1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120, rng=seed + 2),
+        nn.ReLU(),
+        nn.Linear(120, 84, rng=seed + 3),
+        nn.ReLU(),
+        nn.Linear(84, 10, rng=seed + 4),
     )
 
 
 def torch_lenet5(torch):
     nn = torch.nn
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
         nn.Linear(84, 10),
     )
 
@@ -274,6 +317,7 @@ def _model_case(name, batch, part):
                 def infer():
                     with nn.no_grad():
                         return model(x)
+
                 return infer
             if backend == "onnxruntime":
                 return None
@@ -285,13 +329,15 @@ def _model_case(name, batch, part):
                 model.zero_grad()
                 model.backward(criterion.backward())
                 optimizer.step()
+
             return step
         torch = _torch()
         if torch is None:
             return None
         model = build_torch(torch)  # fastconv's weights: the two compute the same logits
-        model.load_state_dict({k: torch.from_numpy(np.array(v))
-                               for k, v in build_fastconv().state_dict().items()})
+        model.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in build_fastconv().state_dict().items()}
+        )
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
         if part == "inference":
             model.eval()
@@ -299,6 +345,7 @@ def _model_case(name, batch, part):
             def infer():
                 with torch.no_grad():
                     return model(tx)
+
             return infer
         criterion = torch.nn.CrossEntropyLoss()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -308,13 +355,19 @@ def _model_case(name, batch, part):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+
         return torch_step
 
     flops = 0.0
     if name == "LeNet":
         flops = lenet_flops(batch) if part == "train step" else lenet_flops(batch) / 3
-    return Case(f"{name} {part}", f"batch {batch}", flops, make,
-                lambda: _model_algorithms(build_fastconv(), x[:1]))
+    return Case(
+        f"{name} {part}",
+        f"batch {batch}",
+        flops,
+        make,
+        lambda: _model_algorithms(build_fastconv(), x[:1]),
+    )
 
 
 def cases() -> list[Case]:
@@ -325,13 +378,18 @@ def cases() -> list[Case]:
     for kind in ("max", "avg"):
         found += [_pool_case(kind, part) for part in ("forward", "backward", "forward+backward")]
     found += [_unfold_case("unfold"), _unfold_case("fold")]
-    found += [_model_case("LeNet", 64, "train step"), _model_case("LeNet", 256, "train step"),
-              _model_case("LeNet", 64, "inference"), _model_case("LeNet", 256, "inference"),
-              _model_case("LeNet-5", 256, "inference")]
+    found += [
+        _model_case("LeNet", 64, "train step"),
+        _model_case("LeNet", 256, "train step"),
+        _model_case("LeNet", 64, "inference"),
+        _model_case("LeNet", 256, "inference"),
+        _model_case("LeNet-5", 256, "inference"),
+    ]
     return found
 
 
 # --- checking --------------------------------------------------------------------------------
+
 
 def _arrays(result):
     """The arrays of a runner's result, in order (torch tensors as NumPy, None dropped)."""
@@ -369,7 +427,9 @@ def check(case: Case, runner: Callable[[], object]) -> None:
     else:
         expected = _arrays(case.make("reference")())
     if len(got) != len(expected):
-        raise AssertionError(f"{case.operation}: {len(got)} results, the reference gives {len(expected)}")
+        raise AssertionError(
+            f"{case.operation}: {len(got)} results, the reference gives {len(expected)}"
+        )
     for k, (a, e) in enumerate(zip(got, expected)):
         if a.shape != e.shape:
             raise AssertionError(f"{case.operation}, result {k}: shape {a.shape} != {e.shape}")
@@ -379,6 +439,7 @@ def check(case: Case, runner: Callable[[], object]) -> None:
 
 
 # --- measuring -------------------------------------------------------------------------------
+
 
 def time_call(run: Callable[[], object], budget: float = 0.3, min_runs: int = 5) -> float:
     """Median seconds of warm calls (after warm-up calls that fault in every buffer)."""
@@ -408,7 +469,6 @@ def sgemm_ceiling(budget: float = 0.5) -> float:
 def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, selected=None):
     """Time every case on every backend; returns (rows, sgemm ceiling GFLOP/s)."""
 
-
     torch = _torch() if "torch" in backends else None
     if threads is not None:
         set_num_threads(threads)
@@ -422,8 +482,11 @@ def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, sele
     for case in cases():
         if selected and not any(s in case.operation for s in selected):
             continue
-        row = {"operation": case.operation, "shape": case.shape,
-               "algorithm": case.algorithm() if case.algorithm else None}
+        row = {
+            "operation": case.operation,
+            "shape": case.shape,
+            "algorithm": case.algorithm() if case.algorithm else None,
+        }
         # One engine at a time, onnxruntime last: its pool spins after each run and would slow
         # whatever ran next.
         for backend in backends:
@@ -445,24 +508,48 @@ def format_table(rows, ceiling: float) -> str:
     def cell(value, fmt):
         return "—" if value is None else format(value, fmt)
 
-    header = ("operation", "shape", "algorithm", "fastconv ms", "reference ms", "torch ms",
-              "onnxruntime ms", "vs ref", "vs torch", "vs ort", "GFLOP/s", "of sgemm")
+    header = (
+        "operation",
+        "shape",
+        "algorithm",
+        "fastconv ms",
+        "reference ms",
+        "torch ms",
+        "onnxruntime ms",
+        "vs ref",
+        "vs torch",
+        "vs ort",
+        "GFLOP/s",
+        "of sgemm",
+    )
     lines = [header]
     for r in rows:
-        lines.append((
-            r["operation"], r["shape"], r.get("algorithm") or "",
-            cell(r["fastconv_ms"], ".3f"), cell(r.get("reference_ms"), ".3f"),
-            cell(r.get("torch_ms"), ".3f"), cell(r.get("onnxruntime_ms"), ".3f"),
-            cell(r["speedup_vs_reference"], ".1f") + ("x" if r["speedup_vs_reference"] else ""),
-            cell(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
-            cell(r.get("speedup_vs_onnxruntime"), ".2f")
-            + ("x" if r.get("speedup_vs_onnxruntime") else ""),
-            cell(r["gflops"], ".0f"), cell(r["ceiling_share"] and 100 * r["ceiling_share"], ".0f")
-            + ("%" if r["ceiling_share"] else ""),
-        ))
+        lines.append(
+            (
+                r["operation"],
+                r["shape"],
+                r.get("algorithm") or "",
+                cell(r["fastconv_ms"], ".3f"),
+                cell(r.get("reference_ms"), ".3f"),
+                cell(r.get("torch_ms"), ".3f"),
+                cell(r.get("onnxruntime_ms"), ".3f"),
+                cell(r["speedup_vs_reference"], ".1f") + ("x" if r["speedup_vs_reference"] else ""),
+                cell(r["speedup_vs_torch"], ".2f") + ("x" if r["speedup_vs_torch"] else ""),
+                cell(r.get("speedup_vs_onnxruntime"), ".2f")
+                + ("x" if r.get("speedup_vs_onnxruntime") else ""),
+                cell(r["gflops"], ".0f"),
+                cell(r["ceiling_share"] and 100 * r["ceiling_share"], ".0f")
+                + ("%" if r["ceiling_share"] else ""),
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    text = ["  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)
-                      for i, (v, w) in enumerate(zip(line, widths))) for line in lines]
+    text = [
+        "  ".join(
+            str(v).ljust(w) if i < 3 else str(v).rjust(w)
+            for i, (v, w) in enumerate(zip(line, widths))
+        )
+        for line in lines
+    ]
     text.insert(1, "-" * len(text[0]))
     text.append(f"sgemm ceiling (NumPy float32 matmul 64x288 @ 288x12544): {ceiling:.0f} GFLOP/s")
     return "\n".join(text)

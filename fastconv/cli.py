@@ -13,21 +13,32 @@ interrupted (Ctrl-C; ``train`` saves a checkpoint first and says how to resume).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
+import platform
 import sys
 import time
-import warnings
-import csv
-import platform
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import bench, data_parallel, dask_inference, datasets, functional, inference, io, models
-from . import plots, recipe, serve
+from . import (
+    bench,
+    dask_inference,
+    data_parallel,
+    datasets,
+    functional,
+    inference,
+    io,
+    models,
+    plots,
+    recipe,
+    serve,
+)
 from ._files import atomic_write
 from ._version import __version__
 from .threads import available_cores, get_num_threads, set_num_threads
@@ -37,7 +48,6 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # Where they used to be defined, for code that reads them from here.
 RUN_DEFAULTS, DEFAULT_LR = recipe.RUN_DEFAULTS, recipe.DEFAULT_LR
 FASHION_CLASSES = datasets.FASHION_CLASSES
-
 
 
 class UserError(Exception):
@@ -50,6 +60,7 @@ class UserError(Exception):
 
 def _number(convert, accept, expected: str):
     """An argparse type: `convert` the text, then refuse values `accept` rejects."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -58,6 +69,7 @@ def _number(convert, accept, expected: str):
         if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
+
     return parse
 
 
@@ -82,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument(
-        "--threads", type=positive_int, metavar="N",
+        "--threads",
+        type=positive_int,
+        metavar="N",
         help="threads for the kernels and BLAS (default: $FASTCONV_NUM_THREADS or all cores)",
     )
     add_train_parser(commands, threads)
@@ -97,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train_parser(commands, threads) -> None:
     p = commands.add_parser(
-        "train", parents=[threads], help="train a model and save it",
+        "train",
+        parents=[threads],
+        help="train a model and save it",
         description=(
             "Train a CNN (default: the digit CNN, about 99.2% on MNIST in 3 epochs) and save it "
             "as one .npz. The last --val-size images of the training split are held out for "
@@ -109,168 +125,300 @@ def add_train_parser(commands, threads) -> None:
         ),
     )
     run = p.add_argument_group("the run (a resumed run keeps the checkpoint's values)")
-    run.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
-                     help="training data (default: mnist)")
+    run.add_argument(
+        "--dataset", choices=["mnist", "fashion-mnist"], help="training data (default: mnist)"
+    )
     run.add_argument("--arch", help="architecture: digit-cnn (default) or lenet5")
     run.add_argument("--epochs", type=positive_int, help="epochs (default: 3)")
-    run.add_argument("--batch-size", type=positive_int, metavar="N",
-                     help="mini-batch size (default: 64)")
-    run.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
-                     help="optimiser (default: adamw)")
-    run.add_argument("--lr", type=positive_float,
-                     help="peak learning rate (default: 0.002 for adam/adamw, 0.05 for sgd)")
-    run.add_argument("--weight-decay", type=non_negative_float, metavar="W",
-                     help="weight decay (default: 0.01 adamw, 0 adam, 0.0005 sgd)")
+    run.add_argument(
+        "--batch-size", type=positive_int, metavar="N", help="mini-batch size (default: 64)"
+    )
+    run.add_argument(
+        "--optimizer", choices=["sgd", "adam", "adamw"], help="optimiser (default: adamw)"
+    )
+    run.add_argument(
+        "--lr",
+        type=positive_float,
+        help="peak learning rate (default: 0.002 for adam/adamw, 0.05 for sgd)",
+    )
+    run.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        metavar="W",
+        help="weight decay (default: 0.01 adamw, 0 adam, 0.0005 sgd)",
+    )
     run.add_argument("--momentum", type=fraction, help="SGD momentum (default: 0.9)")
-    run.add_argument("--schedule", choices=["cosine", "step", "constant"],
-                     help="learning rate: cosine decay to 0 over all steps (default), step "
-                          "(x0.1 each third of the epochs) or constant")
-    run.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                     help="random shifts of up to 2 pixels (default: on for mnist, off for "
-                          "fashion-mnist, whose centred items it costs 1%% of test accuracy)")
-    run.add_argument("--label-smoothing", type=fraction, metavar="EPS",
-                     help="label smoothing of the loss (default: 0)")
-    run.add_argument("--seed", type=non_negative_int,
-                     help="seed of initialisation, shuffling, dropout, augmentation (default: 0)")
-    run.add_argument("--limit", type=positive_int, metavar="N",
-                     help="train on the first N training images only (quick runs, tests)")
-    run.add_argument("--val-size", type=non_negative_int, metavar="N",
-                     help="training images held out for validation (default: 5000; 0: none)")
-    run.add_argument("--patience", type=positive_int, metavar="EPOCHS",
-                     help="stop early after EPOCHS epochs without a lower validation loss")
+    run.add_argument(
+        "--schedule",
+        choices=["cosine", "step", "constant"],
+        help="learning rate: cosine decay to 0 over all steps (default), step "
+        "(x0.1 each third of the epochs) or constant",
+    )
+    run.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random shifts of up to 2 pixels (default: on for mnist, off for "
+        "fashion-mnist, whose centred items it costs 1%% of test accuracy)",
+    )
+    run.add_argument(
+        "--label-smoothing",
+        type=fraction,
+        metavar="EPS",
+        help="label smoothing of the loss (default: 0)",
+    )
+    run.add_argument(
+        "--seed",
+        type=non_negative_int,
+        help="seed of initialisation, shuffling, dropout, augmentation (default: 0)",
+    )
+    run.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="train on the first N training images only (quick runs, tests)",
+    )
+    run.add_argument(
+        "--val-size",
+        type=non_negative_int,
+        metavar="N",
+        help="training images held out for validation (default: 5000; 0: none)",
+    )
+    run.add_argument(
+        "--patience",
+        type=positive_int,
+        metavar="EPOCHS",
+        help="stop early after EPOCHS epochs without a lower validation loss",
+    )
     files = p.add_argument_group("files and output")
-    files.add_argument("--data-dir", metavar="DIR",
-                       help="folder with the IDX files (default: $FASTCONV_DATA_DIR, the cache)")
-    files.add_argument("--no-download", action="store_true",
-                       help="never download the dataset; fail if it is not found locally")
-    files.add_argument("--out", metavar="PATH",
-                       help="where to save the trained model (default: model.npz, or the "
-                            "resumed run's)")
-    files.add_argument("--checkpoint", metavar="PATH",
-                       help="checkpoint file (default: OUT with .ckpt.npz, e.g. model.ckpt.npz)")
-    files.add_argument("--checkpoint-every", type=non_negative_int, default=200, metavar="STEPS",
-                       help="also checkpoint every STEPS mini-batches (default: 200; 0: only "
-                            "at the end of each epoch and on Ctrl-C)")
-    files.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                       help="continue the run saved in CHECKPOINT (default: the --checkpoint path)")
-    files.add_argument("--test", action=argparse.BooleanOptionalAction, default=True,
-                       help="score the test split at the end and store it in the model (default: on)")
-    files.add_argument("--quiet", action="store_true",
-                       help="no progress bar and no per-epoch lines; errors only")
-    files.add_argument("--plot", action="store_true",
-                       help="draw the loss and accuracy curves to curves.png beside --out, "
-                            "refreshed after every epoch (needs matplotlib)")
-    p.add_argument("--distributed", action="store_true",
-                   help="data-parallel training over MPI, one process per rank: 'mpiexec -n K "
-                        "fastconv train --distributed ...' (needs fastconv[mpi]). --batch-size "
-                        "is the global batch, split across the ranks; --threads applies per "
-                        "rank (default: the node's cores divided among its ranks); validation "
-                        "is shared out; rank 0 alone prints and writes the files. Without "
-                        "mpiexec: a plain run")
+    files.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder with the IDX files (default: $FASTCONV_DATA_DIR, the cache)",
+    )
+    files.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never download the dataset; fail if it is not found locally",
+    )
+    files.add_argument(
+        "--out",
+        metavar="PATH",
+        help="where to save the trained model (default: model.npz, or the resumed run's)",
+    )
+    files.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="checkpoint file (default: OUT with .ckpt.npz, e.g. model.ckpt.npz)",
+    )
+    files.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=200,
+        metavar="STEPS",
+        help="also checkpoint every STEPS mini-batches (default: 200; 0: only "
+        "at the end of each epoch and on Ctrl-C)",
+    )
+    files.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the run saved in CHECKPOINT (default: the --checkpoint path)",
+    )
+    files.add_argument(
+        "--test",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score the test split at the end and store it in the model (default: on)",
+    )
+    files.add_argument(
+        "--quiet", action="store_true", help="no progress bar and no per-epoch lines; errors only"
+    )
+    files.add_argument(
+        "--plot",
+        action="store_true",
+        help="draw the loss and accuracy curves to curves.png beside --out, "
+        "refreshed after every epoch (needs matplotlib)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel training over MPI, one process per rank: 'mpiexec -n K "
+        "fastconv train --distributed ...' (needs fastconv[mpi]). --batch-size "
+        "is the global batch, split across the ranks; --threads applies per "
+        "rank (default: the node's cores divided among its ranks); validation "
+        "is shared out; rank 0 alone prints and writes the files. Without "
+        "mpiexec: a plain run",
+    )
     p.set_defaults(func=cmd_train)
 
 
 def add_evaluate_parser(commands, threads) -> None:
     p = commands.add_parser(
-        "evaluate", parents=[threads], help="test accuracy, per-class accuracy, confusion matrix",
+        "evaluate",
+        parents=[threads],
+        help="test accuracy, per-class accuracy, confusion matrix",
         description="Score a saved model on the test split of its dataset: accuracy, loss, "
-                    "accuracy of each class and the confusion matrix.",
+        "accuracy of each class and the confusion matrix.",
     )
     p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
-                   help="test data (default: the dataset the model was trained on)")
+    p.add_argument(
+        "--dataset",
+        choices=["mnist", "fashion-mnist"],
+        help="test data (default: the dataset the model was trained on)",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="folder with the IDX files")
     p.add_argument("--no-download", action="store_true", help="never download the dataset")
     p.add_argument("--limit", type=positive_int, metavar="N", help="score the first N test images")
-    p.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
-                   help="images per forward pass (default: 500)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=500,
+        metavar="N",
+        help="images per forward pass (default: 500)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--plot", metavar="DIR",
-                   help="also draw the report to DIR/evaluation.png: confusion matrix, accuracy "
-                        "per class, the most confident mistakes (needs matplotlib)")
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="also draw the report to DIR/evaluation.png: confusion matrix, accuracy "
+        "per class, the most confident mistakes (needs matplotlib)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
 def add_predict_parser(commands, threads) -> None:
     p = commands.add_parser(
-        "predict", parents=[threads], help="classify image files",
+        "predict",
+        parents=[threads],
+        help="classify image files",
         description="Classify PNG/JPEG/... images (any size or colour; dark-on-light or "
-                    "light-on-dark) with a saved model. Each image is framed as the model's "
-                    "training digits were (fastconv.preprocess). Prints one line per image: "
-                    "'FILE: CLASS (PROBABILITY) ...', most probable first.",
+        "light-on-dark) with a saved model. Each image is framed as the model's "
+        "training digits were (fastconv.preprocess). Prints one line per image: "
+        "'FILE: CLASS (PROBABILITY) ...', most probable first.",
     )
     p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
-    p.add_argument("images", metavar="IMAGE", nargs="+",
-                   help="image files, or folders (their image files, sorted by name)")
-    p.add_argument("--top", type=positive_int, default=3, metavar="K",
-                   help="classes shown per image (default: 3)")
+    p.add_argument(
+        "images",
+        metavar="IMAGE",
+        nargs="+",
+        help="image files, or folders (their image files, sorted by name)",
+    )
+    p.add_argument(
+        "--top",
+        type=positive_int,
+        default=3,
+        metavar="K",
+        help="classes shown per image (default: 3)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--out", metavar="CSV",
-                   help="write every image's path, class and probabilities to CSV instead of "
-                        "printing them")
-    p.add_argument("--dask", metavar="ADDRESS",
-                   help="classify on a Dask cluster (needs fastconv[dask]): a scheduler address "
-                        "(tcp://host:8786; the workers must see the image files) or local:N "
-                        "to start N local worker processes")
+    p.add_argument(
+        "--out",
+        metavar="CSV",
+        help="write every image's path, class and probabilities to CSV instead of printing them",
+    )
+    p.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="classify on a Dask cluster (needs fastconv[dask]): a scheduler address "
+        "(tcp://host:8786; the workers must see the image files) or local:N "
+        "to start N local worker processes",
+    )
     p.set_defaults(func=cmd_predict)
 
 
 def add_show_parser(commands, threads) -> None:
     p = commands.add_parser(
-        "show", parents=[threads], help="draw what a model learned and how it sees an image",
+        "show",
+        parents=[threads],
+        help="draw what a model learned and how it sees an image",
         description="Draw the first conv layer's filters (DIR/filters.png) and, for one image "
-                    "framed as 'fastconv predict' frames it, the activations of every conv layer "
-                    "(DIR/feature-maps.png); print the image's top classes. Needs matplotlib.",
+        "framed as 'fastconv predict' frames it, the activations of every conv layer "
+        "(DIR/feature-maps.png); print the image's top classes. Needs matplotlib.",
     )
     p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
     p.add_argument("image", metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
-    p.add_argument("--out", default=".", metavar="DIR",
-                   help="folder for the pictures (default: the current folder)")
+    p.add_argument(
+        "--out",
+        default=".",
+        metavar="DIR",
+        help="folder for the pictures (default: the current folder)",
+    )
     p.set_defaults(func=cmd_show)
 
 
 def add_serve_parser(commands, threads) -> None:
     p = commands.add_parser(
-        "serve", parents=[threads], help="web page: draw a digit, see the model's answer",
+        "serve",
+        parents=[threads],
+        help="web page: draw a digit, see the model's answer",
         description="Serve a page where you draw a digit (mouse, pen or finger) or upload an "
-                    "image and watch the model's probabilities, and its JSON API: POST "
-                    "/api/predict with a PNG or JPEG body, GET /api/model. Images are framed as "
-                    "in 'fastconv predict'. Needs starlette and uvicorn.",
+        "image and watch the model's probabilities, and its JSON API: POST "
+        "/api/predict with a PNG or JPEG body, GET /api/model. Images are framed as "
+        "in 'fastconv predict'. Needs starlette and uvicorn.",
     )
     p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; "
-                        "0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=non_negative_int, default=8000,
-                   help="port (default: 8000; 0: any free port, the address is printed)")
-    p.add_argument("--max-body", type=positive_int, metavar="BYTES",
-                   help="largest image accepted, in bytes (default: 5242880, 5 MiB)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; "
+        "0.0.0.0 opens it to the network)",
+    )
+    p.add_argument(
+        "--port",
+        type=non_negative_int,
+        default=8000,
+        help="port (default: 8000; 0: any free port, the address is printed)",
+    )
+    p.add_argument(
+        "--max-body",
+        type=positive_int,
+        metavar="BYTES",
+        help="largest image accepted, in bytes (default: 5242880, 5 MiB)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
 def add_bench_parser(commands, threads) -> None:
     p = commands.add_parser(
-        "bench", parents=[threads], help="time every kernel against the NumPy reference and torch",
+        "bench",
+        parents=[threads],
+        help="time every kernel against the NumPy reference and torch",
         description="Time every fastconv kernel and a LeNet-class training step and inference "
-                    "against the pure-NumPy reference and against PyTorch (when installed); "
-                    "print one table with speed-ups, GFLOP/s and the share of the sgemm "
-                    "ceiling measured on this machine.",
+        "against the pure-NumPy reference and against PyTorch (when installed); "
+        "print one table with speed-ups, GFLOP/s and the share of the sgemm "
+        "ceiling measured on this machine.",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--plot", type=Path, metavar="FILE.png",
-                   help="also draw the speed-ups as a bar chart (needs fastconv[viz])")
-    p.add_argument("--only", nargs="+", metavar="TEXT",
-                   help="only the operations whose name contains one of these, e.g. 'conv' 'LeNet'")
-    p.add_argument("--budget", type=positive_float, default=0.3, metavar="SECONDS",
-                   help="time spent timing each case on each backend (default: 0.3)")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw the speed-ups as a bar chart (needs fastconv[viz])",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="TEXT",
+        help="only the operations whose name contains one of these, e.g. 'conv' 'LeNet'",
+    )
+    p.add_argument(
+        "--budget",
+        type=positive_float,
+        default=0.3,
+        metavar="SECONDS",
+        help="time spent timing each case on each backend (default: 0.3)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
 def add_info_parser(commands) -> None:
     p = commands.add_parser(
-        "info", help="version, compiled features, threads, BLAS",
+        "info",
+        help="version, compiled features, threads, BLAS",
         description="Show the fastconv version, whether the kernels were compiled with OpenMP, "
-                    "the thread count, the compiler flags and the BLAS library in use.",
+        "the thread count, the compiler flags and the BLAS library in use.",
     )
     p.add_argument("--json", action="store_true", help="print the information as JSON")
     p.set_defaults(func=cmd_info)
@@ -306,10 +454,14 @@ def _error(message: str) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err) if not isinstance(err, OSError) or not err.filename else (
-        f"{err.filename}: {err.strerror}"
+    text = (
+        str(err)
+        if not isinstance(err, OSError) or not err.filename
+        else (f"{err.filename}: {err.strerror}")
     )
-    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(err).__name__
+    return (
+        " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(err).__name__
+    )
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -342,7 +494,8 @@ def cmd_train(args) -> int:
 def _rank_error(err, rank, size) -> None:
     """How a failing rank reports before it aborts the job: one line for a user's mistake."""
     if isinstance(err, (UserError, OSError, ValueError, TypeError, KeyboardInterrupt)) and (
-            not os.environ.get("FASTCONV_TRACEBACK")):
+        not os.environ.get("FASTCONV_TRACEBACK")
+    ):
         _error(f"rank {rank} of {size}: {_one_line(err)}; stopping all ranks")
     else:
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
@@ -394,10 +547,18 @@ def _train(args, parallel=None) -> int:
     augment = random_shift if config["augment"] else None
     quiet = args.quiet or (parallel is not None and parallel.rank != 0)
     trainer = Trainer(
-        model, optimizer, recipe.make_loss(config), scheduler=scheduler, scheduler_interval="step",
-        batch_size=config["batch_size"], seed=config["seed"], augment=augment,
-        checkpoint=checkpoint, checkpoint_every=args.checkpoint_every or None,
-        extra={"config": config, "threads": _threads(), "files": files}, progress=not quiet,
+        model,
+        optimizer,
+        recipe.make_loss(config),
+        scheduler=scheduler,
+        scheduler_interval="step",
+        batch_size=config["batch_size"],
+        seed=config["seed"],
+        augment=augment,
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every or None,
+        extra={"config": config, "threads": _threads(), "files": files},
+        progress=not quiet,
         log=_curves_writer(lambda: trainer.history, curves, None if quiet else print),
         parallel=parallel,
     )
@@ -424,8 +585,11 @@ def _train(args, parallel=None) -> int:
             return EXIT_INTERRUPTED  # rank 0 says where the checkpoint is
         where = f"epoch {stop.epoch + 1}, step {stop.step}"
         if stop.checkpoint is not None:
-            print(f"interrupted at {where}; checkpoint saved to {stop.checkpoint}\n"
-                  f"resume with: fastconv train --resume {stop.checkpoint}", file=sys.stderr)
+            print(
+                f"interrupted at {where}; checkpoint saved to {stop.checkpoint}\n"
+                f"resume with: fastconv train --resume {stop.checkpoint}",
+                file=sys.stderr,
+            )
         else:
             print(f"interrupted at {where}; no checkpoint saved: {stop.error}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -436,12 +600,19 @@ def _train(args, parallel=None) -> int:
         trainer.parallel = SingleProcess()
 
     meta = {
-        "dataset": config["dataset"], "classes": spec["classes"], "input_shape": [1, 28, 28],
-        "mean": spec["mean"], "std": spec["std"], "architecture": config["arch"],
-        "training": config, "history": history.to_dict(),
+        "dataset": config["dataset"],
+        "classes": spec["classes"],
+        "input_shape": [1, 28, 28],
+        "mean": spec["mean"],
+        "std": spec["std"],
+        "architecture": config["arch"],
+        "training": config,
+        "history": history.to_dict(),
     }
     if args.test:
-        x_test, y_test = datasets.load_dataset(config["dataset"], "test", args.data_dir, not args.no_download)
+        x_test, y_test = datasets.load_dataset(
+            config["dataset"], "test", args.data_dir, not args.no_download
+        )
         result = inference.evaluate(model, x_test, y_test)
         meta["test_accuracy"] = result.accuracy
         meta["test_loss"] = result.loss
@@ -450,8 +621,10 @@ def _train(args, parallel=None) -> int:
     except io.SaveError as err:
         if trainer.save_checkpoint() is None:
             raise
-        raise UserError(f"{err}; the trained weights are in {checkpoint}: "
-                        f"'fastconv train --resume {checkpoint}' saves the model again") from None
+        raise UserError(
+            f"{err}; the trained weights are in {checkpoint}: "
+            f"'fastconv train --resume {checkpoint}' saves the model again"
+        ) from None
     if curves is not None:
         history.plot(curves)
     if not quiet:
@@ -493,9 +666,11 @@ def _resumed_config(args, checkpoint, path) -> dict:
             )
     saved_threads = checkpoint.extra.get("threads")
     if saved_threads is not None and saved_threads != _threads():
-        print(f"note: the run used {_plural(saved_threads, 'thread')}, this one {_threads()}; "
-              "the final weights may differ in the last bits from an uninterrupted run",
-              file=sys.stderr)
+        print(
+            f"note: the run used {_plural(saved_threads, 'thread')}, this one {_threads()}; "
+            "the final weights may differ in the last bits from an uninterrupted run",
+            file=sys.stderr,
+        )
     return dict(config)
 
 
@@ -540,11 +715,21 @@ def cmd_evaluate(args) -> int:
     if plots is not None:
         report = _write_report(model, x, y, classes, spec, Path(args.plot), plots)
     if args.json:
-        print(json.dumps({"model": str(args.model), "dataset": dataset, "classes": classes,
-                          **result.to_dict()}))
+        print(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "dataset": dataset,
+                    "classes": classes,
+                    **result.to_dict(),
+                }
+            )
+        )
         return 0
-    print(f"{args.model} on {spec['title']} test ({result.count:,} images): "
-          f"accuracy {result.accuracy:.2%}, loss {result.loss:.4f}")
+    print(
+        f"{args.model} on {spec['title']} test ({result.count:,} images): "
+        f"accuracy {result.accuracy:.2%}, loss {result.loss:.4f}"
+    )
     print("per-class accuracy:")
     width = max(len(c) for c in classes)
     totals = result.confusion.sum(axis=1)
@@ -595,11 +780,19 @@ def cmd_predict(args) -> int:
         count = _write_predictions(Path(args.out), names, probabilities, classes)
         print(f"wrote {count} prediction{'' if count == 1 else 's'} to {args.out}")
     elif args.json:
-        print(json.dumps([
-            {"file": name, "top": [{"class": i, "label": label, "probability": p}
-                                   for i, label, p in ranked]}
-            for name, ranked in results
-        ]))
+        print(
+            json.dumps(
+                [
+                    {
+                        "file": name,
+                        "top": [
+                            {"class": i, "label": label, "probability": p} for i, label, p in ranked
+                        ],
+                    }
+                    for name, ranked in results
+                ]
+            )
+        )
     else:
         for name, ranked in results:
             print(f"{name}: " + "  ".join(f"{label} ({p:.2f})" for _, label, p in ranked))
@@ -651,8 +844,10 @@ def cmd_show(args) -> int:
     classes = inference.class_names(meta, len(probabilities))
     ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:3]
     print(f"{args.image}: " + "  ".join(f"{classes[i]} ({probabilities[i]:.2f})" for i in ranked))
-    print(f"wrote {out / 'filters.png'} ({len(filters)} filters) and {out / 'feature-maps.png'} "
-          f"({len(maps)} conv layers)")
+    print(
+        f"wrote {out / 'filters.png'} ({len(filters)} filters) and {out / 'feature-maps.png'} "
+        f"({len(maps)} conv layers)"
+    )
     return 0
 
 
@@ -663,8 +858,12 @@ def cmd_serve(args) -> int:
         raise UserError(str(err)) from None
     options = {} if args.max_body is None else {"max_body": args.max_body}
     app = serve.create_app(args.model, **options)
-    serve.serve_app(app, host=args.host, port=args.port, ready=lambda url: print(
-        f"serving {args.model} at {url} (Ctrl-C to stop)", flush=True))
+    serve.serve_app(
+        app,
+        host=args.host,
+        port=args.port,
+        ready=lambda url: print(f"serving {args.model} at {url} (Ctrl-C to stop)", flush=True),
+    )
     return 0
 
 
@@ -710,15 +909,20 @@ def _curves_writer(history_of, path: Path | None, log):
 def cmd_bench(args) -> int:
     plots = _plots() if args.plot else None  # fail before the run, not after it
     if os.environ.get("OPENBLAS_CORETYPE"):
-        print(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; NumPy's sgemm "
-              "may run far below this CPU's speed (unset it, and OPENBLAS_L2_SIZE, to benchmark)",
-              file=sys.stderr)
+        print(
+            f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; NumPy's sgemm "
+            "may run far below this CPU's speed (unset it, and OPENBLAS_L2_SIZE, to benchmark)",
+            file=sys.stderr,
+        )
     rows, ceiling = bench.run(threads=get_num_threads(), budget=args.budget, selected=args.only)
     print(bench.format_table(rows, ceiling))
     print(f"threads: {get_num_threads()}")
     if args.json:
-        args.json.write_text(json.dumps({"sgemm_gflops": ceiling, "threads": get_num_threads(),
-                                         "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"sgemm_gflops": ceiling, "threads": get_num_threads(), "rows": rows}, indent=2
+            )
+        )
     if plots is not None:
         plots.plot_benchmark(rows, args.plot)
         print(f"plot: {args.plot}")
@@ -731,8 +935,17 @@ def cmd_info(args) -> int:
         from threadpoolctl import threadpool_info
 
         blas = [
-            {key: pool.get(key) for key in
-             ("user_api", "internal_api", "version", "num_threads", "threading_layer", "filepath")}
+            {
+                key: pool.get(key)
+                for key in (
+                    "user_api",
+                    "internal_api",
+                    "version",
+                    "num_threads",
+                    "threading_layer",
+                    "filepath",
+                )
+            }
             for pool in threadpool_info()
         ]
     except ImportError:
@@ -752,7 +965,11 @@ def cmd_info(args) -> int:
         return 0
     print(f"fastconv {info['fastconv']} (Python {info['python']}, NumPy {info['numpy']})")
     print(f"OpenMP:          {'yes' if info['openmp'] else 'no (kernels run single-threaded)'}")
-    env = f", FASTCONV_NUM_THREADS={info['FASTCONV_NUM_THREADS']}" if info["FASTCONV_NUM_THREADS"] else ""
+    env = (
+        f", FASTCONV_NUM_THREADS={info['FASTCONV_NUM_THREADS']}"
+        if info["FASTCONV_NUM_THREADS"]
+        else ""
+    )
     print(f"threads:         {info['threads']} (of {info['cores']} cores{env})")
     print(f"compiler flags:  {info['cflags']}")
     print(f"conv GEMM:       {info['conv_gemm']}")
@@ -760,8 +977,11 @@ def cmd_info(args) -> int:
     print(f"conv algorithm:  {info['conv_algorithm']}")
     for pool in blas:
         api = "BLAS" if pool["user_api"] == "blas" else pool["user_api"]
-        details = ", ".join(f"{k} {pool[k]}" for k in ("version", "threading_layer", "num_threads")
-                            if pool.get(k) is not None)
+        details = ", ".join(
+            f"{k} {pool[k]}"
+            for k in ("version", "threading_layer", "num_threads")
+            if pool.get(k) is not None
+        )
         print(f"{api + ':':<17}{pool['internal_api']} ({details}) {pool['filepath']}")
     if not blas:
         print("BLAS:            unknown (threadpoolctl not installed); see numpy.show_config()")

@@ -62,8 +62,10 @@ def predict_dask(model_or_path, images, client=None, batch_size: int = 256) -> n
         if result.errors:
             shown = "; ".join(result.errors[i] for i in sorted(result.errors)[:3])
             more = len(result.errors) - 3
-            raise ValueError(f"{len(result.errors)} image(s) unreadable: {shown}"
-                             + (f" (and {more} more)" if more > 0 else ""))
+            raise ValueError(
+                f"{len(result.errors)} image(s) unreadable: {shown}"
+                + (f" (and {more} more)" if more > 0 else "")
+            )
         return result.probabilities
     _check_batch_size(batch_size)
     if np.ndim(images) != 4 and getattr(images, "ndim", None) != 4:
@@ -89,7 +91,9 @@ def predict_files_dask(model_or_path, paths, client=None, batch_size: int = 256)
     _check_batch_size(batch_size)
     files = _image_paths(paths)
     model = _ModelBlob.of(model_or_path)
-    inference.ImageInput.of(model.meta, use="predicting image files")  # refused here, not on workers
+    inference.ImageInput.of(
+        model.meta, use="predicting image files"
+    )  # refused here, not on workers
     absolute = [os.path.abspath(f) for f in files]
     chunks = [absolute[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with _client_or_local(client) as active:
@@ -109,8 +113,11 @@ def predict_files_dask(model_or_path, paths, client=None, batch_size: int = 256)
 def _are_paths(images) -> bool:
     if isinstance(images, (str, os.PathLike)):
         return True
-    return isinstance(images, (list, tuple)) and bool(images) and all(
-        isinstance(item, (str, os.PathLike)) for item in images)
+    return (
+        isinstance(images, (list, tuple))
+        and bool(images)
+        and all(isinstance(item, (str, os.PathLike)) for item in images)
+    )
 
 
 def _tasks(function, model, chunks, batch_size, prefix) -> list:
@@ -119,11 +126,15 @@ def _tasks(function, model, chunks, batch_size, prefix) -> list:
 
     delayed = _delayed()
     model_task = delayed(_model_payload, pure=True)(
-        model.digest, model.blob, model.meta, dask_key_name=f"fastconv-model-{model.digest[:16]}")
+        model.digest, model.blob, model.meta, dask_key_name=f"fastconv-model-{model.digest[:16]}"
+    )
     return [
         delayed(function, pure=True)(
-            model_task, chunk, batch_size,
-            dask_key_name=f"{prefix}-{index}-{tokenize(model.digest, chunk, batch_size)}")
+            model_task,
+            chunk,
+            batch_size,
+            dask_key_name=f"{prefix}-{index}-{tokenize(model.digest, chunk, batch_size)}",
+        )
         for index, chunk in enumerate(chunks)
     ]
 
@@ -137,11 +148,15 @@ def dask_client(address: str):
     except ImportError:
         raise ImportError("Dask is not installed: pip install 'fastconv[dask]'") from None
     if address.startswith("local:"):
-        count = address[len("local:"):]
+        count = address[len("local:") :]
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"--dask {address}: expected local:N with N >= 1 workers")
-        with LocalCluster(n_workers=int(count), threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=int(count), threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
         return
     try:

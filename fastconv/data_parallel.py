@@ -21,14 +21,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
-import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
-from pathlib import Path
 
 import numpy as np
 
@@ -37,15 +33,29 @@ from .threads import available_cores
 from .train import TrainingInterrupted
 
 __all__ = [
-    "get_comm", "rank_and_size", "default_threads", "shard", "average_gradients",
-    "average_buffers", "weights_checksum", "check_replicas", "ReplicasDiverged",
-    "abort_on_error", "DataParallel",
+    "get_comm",
+    "rank_and_size",
+    "default_threads",
+    "shard",
+    "average_gradients",
+    "average_buffers",
+    "weights_checksum",
+    "check_replicas",
+    "ReplicasDiverged",
+    "abort_on_error",
+    "DataParallel",
 ]
 
 # Variables that MPI launchers set in every process they start (Open MPI, MPICH/Hydra, PMIx,
 # MVAPICH): without one of them this process was not started by a launcher.
-_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK",
-                       "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+_LAUNCHER_VARIABLES = (
+    "OMPI_COMM_WORLD_SIZE",
+    "PMIX_RANK",
+    "PMI_SIZE",
+    "PMI_RANK",
+    "MV2_COMM_WORLD_SIZE",
+    "MPI_LOCALNRANKS",
+)
 _DROPOUT = 2  # SeedSequence word of the per-step dropout streams (train.py uses 0 and 1)
 
 
@@ -240,7 +250,8 @@ def abort_on_error(comm=None, report: Callable[[BaseException, int, int], None] 
             else:
                 text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
                 sys.stderr.write(
-                    f"fastconv: rank {rank} of {size} failed; aborting the job\n{text}")
+                    f"fastconv: rank {rank} of {size} failed; aborting the job\n{text}"
+                )
             sys.stderr.flush()
         comm.Abort(1)
         raise  # not reached: Abort ends the process
@@ -277,15 +288,17 @@ class DataParallel:
             seeds = np.random.SeedSequence([seed, _DROPOUT, *where, self.rank, index])
             bit_generator.state = type(bit_generator)(seeds).state
 
-    def reduce_step(self, model, local: int, total: int, loss_sum: float, correct: int,
-                    stop: bool) -> tuple[float, int]:
+    def reduce_step(
+        self, model, local: int, total: int, loss_sum: float, correct: int, stop: bool
+    ) -> tuple[float, int]:
         """Average the gradients (weight ``local / total``) and, in the same message, sum the
         step's loss and correct counts and agree on stopping (:attr:`stop_requested`: any rank
         was interrupted). Returns the global ``(loss_sum, correct)``."""
         started = time.perf_counter()
         params = model.parameters()
         loss, hits, stops = _allreduce_gradients(
-            params, self.comm, local / total, (loss_sum, correct, float(bool(stop))))
+            params, self.comm, local / total, (loss_sum, correct, float(bool(stop)))
+        )
         self.reduce_seconds += time.perf_counter() - started
         self.reduce_calls += 1
         self.reduce_bytes += sum(p.grad.nbytes for p in params if p.grad is not None)
@@ -324,8 +337,9 @@ class DataParallel:
         totals = confusion.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             per_class = np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1), np.nan)
-        return Evaluation(float(np.trace(confusion) / count), float(loss / count), per_class,
-                          confusion, count)
+        return Evaluation(
+            float(np.trace(confusion) / count), float(loss / count), per_class, confusion, count
+        )
 
     def guard(self):
         """:func:`abort_on_error` for this communicator."""

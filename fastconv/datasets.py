@@ -25,7 +25,15 @@ FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
     "Ankle boot",
 ]
 
@@ -99,11 +107,19 @@ def dataset_spec(name: str) -> dict:
     """What ``fastconv train``/``evaluate`` show and store of a dataset: ``title``, ``classes``,
     and the ``mean``/``std`` its images are normalised with."""
     if name == "mnist":
-        return {"title": "MNIST", "classes": [str(i) for i in range(10)],
-                "mean": MNIST_MEAN, "std": MNIST_STD}
+        return {
+            "title": "MNIST",
+            "classes": [str(i) for i in range(10)],
+            "mean": MNIST_MEAN,
+            "std": MNIST_STD,
+        }
     if name == "fashion-mnist":
-        return {"title": "Fashion-MNIST", "classes": list(FASHION_CLASSES),
-                "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
+        return {
+            "title": "Fashion-MNIST",
+            "classes": list(FASHION_CLASSES),
+            "mean": FASHION_MNIST_MEAN,
+            "std": FASHION_MNIST_STD,
+        }
     raise ValueError(f"dataset: expected 'mnist' or 'fashion-mnist', got {name!r}")
 
 

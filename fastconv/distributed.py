@@ -20,7 +20,19 @@ from .data_parallel import (
 )
 
 __all__ = [
-    "DataParallel", "FilePredictions", "ReplicasDiverged", "abort_on_error", "average_buffers",
-    "average_gradients", "check_replicas", "dask_client", "default_threads", "get_comm",
-    "predict_dask", "predict_files_dask", "rank_and_size", "shard", "weights_checksum",
+    "DataParallel",
+    "FilePredictions",
+    "ReplicasDiverged",
+    "abort_on_error",
+    "average_buffers",
+    "average_gradients",
+    "check_replicas",
+    "dask_client",
+    "default_threads",
+    "get_comm",
+    "predict_dask",
+    "predict_files_dask",
+    "rank_and_size",
+    "shard",
+    "weights_checksum",
 ]

@@ -24,9 +24,20 @@ from . import _args, _blas, _norm, _pool
 from .threads import get_num_threads
 
 __all__ = [
-    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
-    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
-    "set_workspace_limit", "workspace_limit", "set_conv_algorithm", "get_conv_algorithm",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "unfold",
+    "fold",
+    "batch_norm",
+    "batch_norm_backward",
+    "set_workspace_limit",
+    "workspace_limit",
+    "set_conv_algorithm",
+    "get_conv_algorithm",
     "conv2d_algorithm",
 ]
 
@@ -60,7 +71,7 @@ def _workspace(dtype: npt.DTypeLike, *shapes: tuple[int, ...]) -> list[np.ndarra
             _local.buffer = buffer
     start = -buffer.ctypes.data % 64
     return [
-        buffer[start + o: start + o + s].view(dtype).reshape(shape)
+        buffer[start + o : start + o + s].view(dtype).reshape(shape)
         for o, s, shape in zip(offsets, sizes, shapes)
     ]
 
@@ -74,7 +85,9 @@ def _checked_algorithm(name: str, value: str) -> str:
     return value
 
 
-_conv_algorithm = _checked_algorithm("FASTCONV_CONV_ALGO", os.environ.get("FASTCONV_CONV_ALGO") or "auto")
+_conv_algorithm = _checked_algorithm(
+    "FASTCONV_CONV_ALGO", os.environ.get("FASTCONV_CONV_ALGO") or "auto"
+)
 
 
 def set_conv_algorithm(algorithm: str) -> None:
@@ -97,9 +110,10 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MAX_CHANNELS = 128
 
 
-def conv2d_algorithm(geometry: _args.ConvGeometry, out_channels: int, groups: int,
-                     dtype: npt.DTypeLike) -> str:
-    """"winograd" or "direct": what conv2d and conv2d_backward run for this convolution."""
+def conv2d_algorithm(
+    geometry: _args.ConvGeometry, out_channels: int, groups: int, dtype: npt.DTypeLike
+) -> str:
+    """ "winograd" or "direct": what conv2d and conv2d_backward run for this convolution."""
     g = geometry
     applies = (
         (g.kh, g.kw, g.stride, g.dilation, groups) == (3, 3, (1, 1), (1, 1), 1)
@@ -131,8 +145,9 @@ def _winograd_weight(weight: np.ndarray, flip: bool = False) -> np.ndarray:
     return u
 
 
-def _winograd_block(n: int, args: tuple[int, int, int, int], c_in: int, c_out: int,
-                    threads: int) -> int:
+def _winograd_block(
+    n: int, args: tuple[int, int, int, int], c_in: int, c_out: int, threads: int
+) -> int:
     """Rows of tiles per block: a block's transformed input and products (~1 MiB) stay in L2,
     and the blocks split evenly between the threads."""
     out_h, out_w = args[2:]
@@ -146,9 +161,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _winograd_conv2d(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
-                     args: tuple[int, int, int, int], threads: int,
-                     indices: np.ndarray | None = None, pool: int = 0) -> None:
+def _winograd_conv2d(
+    x: np.ndarray,
+    u: np.ndarray,
+    bias: np.ndarray | None,
+    out: np.ndarray,
+    args: tuple[int, int, int, int],
+    threads: int,
+    indices: np.ndarray | None = None,
+    pool: int = 0,
+) -> None:
     """out = conv2d(x) given u = _winograd_weight(weight); args: (pad_top, pad_left, out_h, out_w).
 
     pool 1 or 2: out = max_pool2d(conv2d(x), 2) instead (2: with its indices)."""
@@ -158,22 +180,39 @@ def _winograd_conv2d(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, out:
     (workspace,) = _workspace(np.float32, (threads, size))
     has_bias = bias is not None
     _conv.winograd_conv2d_forward(
-        x, u, bias if has_bias else np.zeros(1, np.float32), out,
-        indices if indices is not None else np.empty((1, 1, 1, 1), np.int64), workspace, args,
-        block, has_bias, pool, threads,
+        x,
+        u,
+        bias if has_bias else np.zeros(1, np.float32),
+        out,
+        indices if indices is not None else np.empty((1, 1, 1, 1), np.int64),
+        workspace,
+        args,
+        block,
+        has_bias,
+        pool,
+        threads,
     )
 
 
 def _shifted(g: _args.ConvGeometry, groups: int, dtype: npt.DTypeLike) -> bool:
     """Whether the direct path runs on the shifted-view micro-kernel (no im2col copy)."""
     return (
-        g.stride == (1, 1) and g.dilation == (1, 1) and groups == 1
-        and np.dtype(dtype) == np.float32 and _conv.winograd_products_backend() == "micro-kernel"
+        g.stride == (1, 1)
+        and g.dilation == (1, 1)
+        and groups == 1
+        and np.dtype(dtype) == np.float32
+        and _conv.winograd_products_backend() == "micro-kernel"
     )
 
 
-def _direct_workspace(g: _args.ConvGeometry, c_out: int, groups: int, dtype: npt.DTypeLike,
-                      threads: int, *extra: tuple[int, ...]) -> tuple[Any, ...]:
+def _direct_workspace(
+    g: _args.ConvGeometry,
+    c_out: int,
+    groups: int,
+    dtype: npt.DTypeLike,
+    threads: int,
+    *extra: tuple[int, ...],
+) -> tuple[Any, ...]:
     """(shifts, shifted, workspace, *extra views) for conv2d_forward and the fused conv + pool."""
     if _shifted(g, groups, dtype):
         shifts = np.empty(g.patch_size, np.int64)
@@ -226,14 +265,28 @@ def conv2d(
         shifts, shifted, workspace = _direct_workspace(g, c_out, groups, w.dtype, threads)
         has_bias = bias is not None
         _conv.conv2d_forward(
-            a.x, weight_by_group, bias if has_bias else np.zeros(1, w.dtype), flat_out,
-            workspace, g.kernel_args, has_bias, shifts, shifted, threads,
+            a.x,
+            weight_by_group,
+            bias if has_bias else np.zeros(1, w.dtype),
+            flat_out,
+            workspace,
+            g.kernel_args,
+            has_bias,
+            shifts,
+            shifted,
+            threads,
         )
         return _finish(out, a.unbatched)
     for n0, count in _batch_chunks(g.n, rows * positions, w.itemsize):
         (cols,) = _workspace(w.dtype, (count, groups, rows // groups, positions))
-        _conv.im2col(a.x[n0: n0 + count], cols.reshape(count, rows, positions), g.kernel_args, threads)
-        np.matmul(weight_by_group, cols, out=flat_out[n0: n0 + count].reshape(count, groups, -1, positions))
+        _conv.im2col(
+            a.x[n0 : n0 + count], cols.reshape(count, rows, positions), g.kernel_args, threads
+        )
+        np.matmul(
+            weight_by_group,
+            cols,
+            out=flat_out[n0 : n0 + count].reshape(count, groups, -1, positions),
+        )
     if bias is not None:
         out += bias[:, None, None]
     return _finish(out, a.unbatched)
@@ -263,21 +316,28 @@ def _conv2d_max_pool2d(
     c_out, rows, positions = w.shape[0], g.patch_size, g.out_h * g.out_w
     conv_shape = (g.n, c_out, g.out_h, g.out_w)
     p = _args.pool_geometry(conv_shape, w.itemsize, *pool)
-    if a.unbatched or not _blas_in_kernels() or not _pool.interior(
-            (p.h, p.w, p.out_h, p.out_w), p.pool_args):
+    if (
+        a.unbatched
+        or not _blas_in_kernels()
+        or not _pool.interior((p.h, p.w, p.out_h, p.out_w), p.pool_args)
+    ):
         return None
     threads = get_num_threads()
     if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd" and _all_finite(a.x, w):
         # A Winograd tile is exactly one 2x2 / 2 window: pool it as it leaves the transform.
         # Any other pooling runs after Winograd's convolution, which beats the fused direct one.
         window = (p.kh, p.kw, p.stride, p.pad_top, p.pad_left, p.dilation)
-        if window != (2, 2, (2, 2), 0, 0, (1, 1)) or (p.out_h, p.out_w) != (g.out_h // 2, g.out_w // 2):
+        if window != (2, 2, (2, 2), 0, 0, (1, 1)) or (p.out_h, p.out_w) != (
+            g.out_h // 2,
+            g.out_w // 2,
+        ):
             return None
         out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
         indices: np.ndarray | None = np.empty(out.shape, np.int64) if with_indices else None
         args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
-        _winograd_conv2d(a.x, _winograd_weight(w), bias, out, args, threads, indices,
-                         2 if with_indices else 1)
+        _winograd_conv2d(
+            a.x, _winograd_weight(w), bias, out, args, threads, indices, 2 if with_indices else 1
+        )
         return out, indices, conv_shape
     out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
     indices = np.empty(out.shape if with_indices else (1, 1, 1, 1), dtype=np.int64)
@@ -286,9 +346,20 @@ def _conv2d_max_pool2d(
     )
     has_bias = bias is not None
     _conv.conv2d_max_pool_forward(
-        a.x, w.reshape(groups, c_out // groups, rows // groups),
-        bias if has_bias else np.zeros(1, w.dtype), out, indices, workspace, scratch,
-        g.kernel_args, p.pool_args, has_bias, with_indices, shifts, shifted, threads,
+        a.x,
+        w.reshape(groups, c_out // groups, rows // groups),
+        bias if has_bias else np.zeros(1, w.dtype),
+        out,
+        indices,
+        workspace,
+        scratch,
+        g.kernel_args,
+        p.pool_args,
+        has_bias,
+        with_indices,
+        shifts,
+        shifted,
+        threads,
     )
     return out, (indices if with_indices else None), conv_shape
 
@@ -331,8 +402,16 @@ def conv2d_backward(
         partial[...] = 0
         unused = np.empty((1, 1, 1, 1), w.dtype)  # the kernel wants a writable array even if unused
         _conv.conv2d_backward(
-            grad, a.x, weight_by_group, grad_input if want_input else unused, partial,
-            workspace, g.kernel_args, want_input, want_weight, threads,
+            grad,
+            a.x,
+            weight_by_group,
+            grad_input if want_input else unused,
+            partial,
+            workspace,
+            g.kernel_args,
+            want_input,
+            want_weight,
+            threads,
         )
         grad_weight = partial.sum(axis=0)
     else:
@@ -340,13 +419,13 @@ def conv2d_backward(
         for n0, count in _batch_chunks(g.n, rows * positions, w.itemsize):
             (cols,) = _workspace(w.dtype, (count, groups, rows // groups, positions))
             flat_cols = cols.reshape(count, rows, positions)
-            grad_chunk = grad[n0: n0 + count].reshape(count, groups, -1, positions)
+            grad_chunk = grad[n0 : n0 + count].reshape(count, groups, -1, positions)
             if want_weight:
-                _conv.im2col(a.x[n0: n0 + count], flat_cols, g.kernel_args, threads)
+                _conv.im2col(a.x[n0 : n0 + count], flat_cols, g.kernel_args, threads)
                 grad_weight += np.matmul(grad_chunk, cols.transpose(0, 1, 3, 2)).sum(axis=0)
             if grad_input is not None:  # want_input
                 np.matmul(weight_by_group.transpose(0, 2, 1), grad_chunk, out=cols)
-                _conv.col2im(flat_cols, grad_input[n0: n0 + count], g.kernel_args, threads)
+                _conv.col2im(flat_cols, grad_input[n0 : n0 + count], g.kernel_args, threads)
     return (
         _finish(grad_input, a.unbatched) if grad_input is not None else None,  # want_input
         grad_weight.reshape(w.shape) if want_weight and grad_weight is not None else None,
@@ -354,9 +433,15 @@ def conv2d_backward(
     )
 
 
-def _winograd_conv2d_backward(grad: np.ndarray, x: np.ndarray, weight: np.ndarray,
-                              g: _args.ConvGeometry, grad_input: np.ndarray | None,
-                              want_weight: bool, threads: int) -> np.ndarray | None:
+def _winograd_conv2d_backward(
+    grad: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray,
+    g: _args.ConvGeometry,
+    grad_input: np.ndarray | None,
+    want_weight: bool,
+    threads: int,
+) -> np.ndarray | None:
     """conv2d_backward by Winograd: fills grad_input (unless None), returns the weight gradient.
 
     The weight gradient is the adjoint of the forward's products, point by point; the input
@@ -472,8 +557,10 @@ def max_pool2d_backward(
     grad_input = np.empty_like(a.x)
     planes, positions = g.n * g.c_in, g.out_h * g.out_w
     out_of_range = _pool.max_pool2d_backward(
-        grad.reshape(planes, positions), indices.reshape(planes, positions),
-        grad_input.reshape(planes, g.h * g.w), get_num_threads(),
+        grad.reshape(planes, positions),
+        indices.reshape(planes, positions),
+        grad_input.reshape(planes, g.h * g.w),
+        get_num_threads(),
     )
     if out_of_range:
         raise ValueError(
@@ -483,19 +570,27 @@ def max_pool2d_backward(
     return _finish(grad_input, a.unbatched)
 
 
-def _max_pool2d_backward_from_indices(grad_output: npt.ArrayLike, indices: np.ndarray,
-                                      input_shape: tuple[int, ...]) -> np.ndarray:
+def _max_pool2d_backward_from_indices(
+    grad_output: npt.ArrayLike, indices: np.ndarray, input_shape: tuple[int, ...]
+) -> np.ndarray:
     """max_pool2d_backward for layers that kept only the indices (the fused conv + pool)."""
     grad = _args.float_array("grad_output", grad_output)
-    if grad.shape != indices.shape or len(input_shape) != 4 or indices.shape[:2] != tuple(input_shape[:2]):
-        raise ValueError(f"grad_output: expected shape {indices.shape} (the pooled output), "
-                         f"got {grad.shape}")
+    if (
+        grad.shape != indices.shape
+        or len(input_shape) != 4
+        or indices.shape[:2] != tuple(input_shape[:2])
+    ):
+        raise ValueError(
+            f"grad_output: expected shape {indices.shape} (the pooled output), got {grad.shape}"
+        )
     n, c, h, w = input_shape
     grad_input = np.empty(input_shape, dtype=grad.dtype)
     planes = n * c
     out_of_range = _pool.max_pool2d_backward(
-        grad.reshape(planes, -1 if planes else 0), indices.reshape(planes, -1 if planes else 0),
-        grad_input.reshape(planes, h * w), get_num_threads(),
+        grad.reshape(planes, -1 if planes else 0),
+        indices.reshape(planes, -1 if planes else 0),
+        grad_input.reshape(planes, h * w),
+        get_num_threads(),
     )
     if out_of_range:
         raise ValueError(f"indices: {out_of_range} values lie outside [-1, {h * w})")
@@ -536,7 +631,10 @@ def avg_pool2d_backward(
     grad = _args.grad_output_array(grad_output, shape, a.x.dtype, a.unbatched)
     grad_input = np.empty_like(a.x)
     _pool.avg_pool2d_backward(
-        _planes(grad, g), _planes(grad_input, g), g.pool_args, bool(count_include_pad),
+        _planes(grad, g),
+        _planes(grad_input, g),
+        g.pool_args,
+        bool(count_include_pad),
         get_num_threads(),
     )
     return _finish(grad_input, a.unbatched)
@@ -606,8 +704,9 @@ def _batch_norm(
     var = np.zeros(channels) if training else np.asarray(running_var, dtype=np.float64)
     invstd = np.empty(channels)
     out = np.empty_like(a.x)
-    _norm.batch_norm_forward(a.x, out, a.weight, a.bias, mean, var, invstd, bool(training),
-                             float(eps), get_num_threads())
+    _norm.batch_norm_forward(
+        a.x, out, a.weight, a.bias, mean, var, invstd, bool(training), float(eps), get_num_threads()
+    )
     if training and running_mean is not None and running_var is not None:  # both or neither
         count = a.x.size // channels
         running_mean *= 1 - momentum
@@ -633,8 +732,9 @@ def batch_norm_backward(
     if training:
         channels = a.x.shape[1]
         stats = [np.zeros(channels), np.zeros(channels), np.empty(channels)]
-        _norm.batch_norm_forward(a.x, np.empty_like(a.x), a.weight, a.bias, *stats, True,
-                                 float(eps), get_num_threads())
+        _norm.batch_norm_forward(
+            a.x, np.empty_like(a.x), a.weight, a.bias, *stats, True, float(eps), get_num_threads()
+        )
         mean, invstd = stats[0], stats[2]
     else:
         mean = np.asarray(running_mean, dtype=np.float64)
@@ -660,8 +760,17 @@ def _batch_norm_backward(
     grad_weight, grad_bias = np.empty(channels), np.empty(channels)
     grad_input = np.empty_like(a.x) if output_mask[0] else np.empty((0, 0, 0), a.x.dtype)
     _norm.batch_norm_backward(
-        grad.reshape(a.x.shape), a.x, a.weight, mean, invstd, grad_input, grad_weight, grad_bias,
-        bool(training), bool(output_mask[0]), get_num_threads(),
+        grad.reshape(a.x.shape),
+        a.x,
+        a.weight,
+        mean,
+        invstd,
+        grad_input,
+        grad_weight,
+        grad_bias,
+        bool(training),
+        bool(output_mask[0]),
+        get_num_threads(),
     )
     dtype = a.x.dtype
     return (
@@ -677,7 +786,8 @@ def kernel_info() -> dict:
     return {
         "openmp": bool(_conv.openmp),
         "cflags": _conv.cflags,
-        "conv_gemm": "BLAS called by the kernels, one thread each" if _blas.kernels_call_blas()
+        "conv_gemm": "BLAS called by the kernels, one thread each"
+        if _blas.kernels_call_blas()
         else "NumPy matmul on batch chunks (no CBLAS symbol found, or FASTCONV_BLAS=numpy)",
         "winograd": f"F(2x2,3x3), products on {'the micro-kernel' if microkernel else 'BLAS'}, "
         f"{_conv.winograd_kernels}",

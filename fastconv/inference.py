@@ -52,10 +52,14 @@ class ImageInput:
         input is not one-channel and square, the only images :mod:`fastconv.preprocess` frames."""
         shape = tuple(int(d) for d in (meta.get("input_shape") or DEFAULT_INPUT_SHAPE))
         if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
-            raise ValueError(f"{name}: {use} needs a one-channel square input, the model "
-                             f"takes {list(shape)}")
-        return cls(shape, float(meta.get("mean", DEFAULT_MEAN)),  # type: ignore[arg-type]
-                   float(meta.get("std", DEFAULT_STD)))
+            raise ValueError(
+                f"{name}: {use} needs a one-channel square input, the model takes {list(shape)}"
+            )
+        return cls(
+            shape,
+            float(meta.get("mean", DEFAULT_MEAN)),  # type: ignore[arg-type]
+            float(meta.get("std", DEFAULT_STD)),
+        )
 
     def frame(self, image) -> np.ndarray:
         """One image (anything :func:`fastconv.preprocess.to_mnist_input` takes) as a model
@@ -81,11 +85,13 @@ def image_files(arguments) -> list[Path]:
     for argument in [arguments] if isinstance(arguments, (str, os.PathLike)) else arguments:
         path = Path(argument)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
             if not found:
-                raise ValueError(f"{path}: no image files in this folder "
-                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise ValueError(
+                    f"{path}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
             files.extend(found)
         elif path.exists():
             files.append(path)
@@ -94,7 +100,9 @@ def image_files(arguments) -> list[Path]:
     return files
 
 
-def frame_files(files, image_input: ImageInput) -> tuple[np.ndarray | None, list[int], dict[int, str]]:
+def frame_files(
+    files, image_input: ImageInput
+) -> tuple[np.ndarray | None, list[int], dict[int, str]]:
     """``(inputs, kept, errors)``: the framed inputs of the readable ``files`` (``None`` if
     none), their indices, and a one-line reason for each unreadable one (see :func:`naming`)."""
     inputs, kept, errors = [], [], {}
@@ -125,8 +133,12 @@ class Evaluation:
 
     def to_dict(self) -> dict:
         return {
-            "accuracy": self.accuracy, "loss": self.loss, "count": self.count,
-            "per_class_accuracy": [None if math.isnan(a) else float(a) for a in self.per_class_accuracy],
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "count": self.count,
+            "per_class_accuracy": [
+                None if math.isnan(a) else float(a) for a in self.per_class_accuracy
+            ],
             "confusion": self.confusion.tolist(),
         }
 

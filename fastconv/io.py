@@ -138,8 +138,16 @@ def load_model(path) -> ModelFile:
 
 
 def save_checkpoint(
-    path, *, model, optimizer=None, scheduler=None, rng_states: dict | None = None,
-    epoch: int = 0, step: int = 0, history: dict | None = None, extra: dict | None = None,
+    path,
+    *,
+    model,
+    optimizer=None,
+    scheduler=None,
+    rng_states: dict | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    history: dict | None = None,
+    extra: dict | None = None,
 ) -> None:
     """Write a training checkpoint to ``path`` atomically (see :class:`Checkpoint` for the parts).
 
@@ -189,8 +197,15 @@ def load_checkpoint(path) -> Checkpoint:
     if history is not None and not isinstance(history, dict):
         raise ValueError(f"{path}: 'history' must be an object, got {type(history).__name__}")
     return Checkpoint(
-        architecture, model_state, optimizer_state, scheduler_state, rng_states, epoch, step,
-        history, _field(header, "extra", dict, path),
+        architecture,
+        model_state,
+        optimizer_state,
+        scheduler_state,
+        rng_states,
+        epoch,
+        step,
+        history,
+        _field(header, "extra", dict, path),
     )
 
 
@@ -257,9 +272,17 @@ def _pack(obj, arrays: dict, prefix: str):
         arrays[key] = np.asarray(obj)
         return {"__array__": key, "scalar": isinstance(obj, np.generic)}
     if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and "__array__" not in obj and "__items__" not in obj:
+        if (
+            all(isinstance(k, str) for k in obj)
+            and "__array__" not in obj
+            and "__items__" not in obj
+        ):
             return {k: _pack(v, arrays, prefix) for k, v in obj.items()}
-        return {"__items__": [[_pack(k, arrays, prefix), _pack(v, arrays, prefix)] for k, v in obj.items()]}
+        return {
+            "__items__": [
+                [_pack(k, arrays, prefix), _pack(v, arrays, prefix)] for k, v in obj.items()
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_pack(v, arrays, prefix) for v in obj]}
     if isinstance(obj, list):
@@ -366,7 +389,9 @@ def _build_from_file(npz, path, architecture, tensors, prefix):
     """Build the architecture, then read and check each of its tensors, then fill the model."""
     model = _build(architecture, None, path)
     expected = model.state_dict()
-    stored = {name[len(prefix):] for name in npz.files if name.startswith(prefix) and name != HEADER_KEY}
+    stored = {
+        name[len(prefix) :] for name in npz.files if name.startswith(prefix) and name != HEADER_KEY
+    }
     if prefix == "":
         stored = {name for name in stored if "/" not in name}
     missing = [key for key in expected if key not in stored]

@@ -23,8 +23,16 @@ def _streams(seed: int | None):
     return np.random.default_rng(init), np.random.default_rng(dropout)
 
 
-def digit_cnn(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, *,
-              width: int = 32, hidden: int = 128, dropout: float = 0.25, seed: int | None = 0):
+def digit_cnn(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    input_size: int = 28,
+    *,
+    width: int = 32,
+    hidden: int = 128,
+    dropout: float = 0.25,
+    seed: int | None = 0,
+):
     """Conv(3x3, width)-BN-ReLU-MaxPool2 -> Conv(3x3, 2*width)-BN-ReLU-MaxPool2 -> Flatten ->
     Linear(hidden)-ReLU-Dropout -> Linear(num_classes), for inputs ``(N, in_channels,
     input_size, input_size)``; ``input_size`` must be divisible by 4. Initialised as torch's
@@ -36,11 +44,17 @@ def digit_cnn(num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
     # The convolutions' biases would be cancelled by BatchNorm's mean subtraction: leave them out.
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1, bias=False, rng=init),
-        nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Conv2d(width, 2 * width, 3, padding=1, bias=False, rng=init),
-        nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(features, hidden, rng=init), nn.ReLU(), nn.Dropout(dropout, rng=drop),
+        nn.Linear(features, hidden, rng=init),
+        nn.ReLU(),
+        nn.Dropout(dropout, rng=drop),
         nn.Linear(hidden, num_classes, rng=init),
     )
 
@@ -50,11 +64,17 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, *, seed: int | None = 0)
     Conv(5x5, 6, pad 2)-ReLU-MaxPool2 -> Conv(5x5, 16)-ReLU-MaxPool2 -> 120 -> 84 -> classes."""
     init, _ = _streams(seed)
     return nn.Sequential(
-        nn.Conv2d(in_channels, 6, 5, padding=2, rng=init), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5, rng=init), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(in_channels, 6, 5, padding=2, rng=init),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, rng=init),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120, rng=init), nn.ReLU(),
-        nn.Linear(120, 84, rng=init), nn.ReLU(),
+        nn.Linear(16 * 5 * 5, 120, rng=init),
+        nn.ReLU(),
+        nn.Linear(120, 84, rng=init),
+        nn.ReLU(),
         nn.Linear(84, num_classes, rng=init),
     )
 

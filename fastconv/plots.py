@@ -95,9 +95,14 @@ def plot_history(history, path) -> Path:
                     ys = [100 * v for v in ys]
                 label = "train" if split == "train" else "validation"
                 ax.plot(xs, ys, "o-", color=colour, label=label, markersize=4)
-                ax.annotate(f"{ys[-1]:.2f}%" if name == "acc" else f"{ys[-1]:.4f}",
-                            (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4),
-                            color=colour, fontsize=8)
+                ax.annotate(
+                    f"{ys[-1]:.2f}%" if name == "acc" else f"{ys[-1]:.4f}",
+                    (xs[-1], ys[-1]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    color=colour,
+                    fontsize=8,
+                )
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel("%" if name == "acc" else "cross-entropy")
@@ -117,8 +122,10 @@ def _history_columns(history) -> dict[str, list]:
         keys = {key for row in history for key in row}
         history = {key: [row.get(key) for row in history] for key in keys}
     if not isinstance(history, dict):
-        raise TypeError(f"history: expected a History, a dict of columns or a list of rows, "
-                        f"got {type(history).__name__}")
+        raise TypeError(
+            f"history: expected a History, a dict of columns or a list of rows, "
+            f"got {type(history).__name__}"
+        )
     columns = {key: list(values) for key, values in history.items()}
     count = len(columns.get("train_loss", []))
     if columns.get("epoch") is None or any(e is None for e in columns["epoch"]):
@@ -159,15 +166,18 @@ class Report:
     classes: list[str]
 
 
-def evaluation_report(probabilities, labels, classes: Sequence[str] | None = None,
-                      mistakes: int = 16) -> Report:
+def evaluation_report(
+    probabilities, labels, classes: Sequence[str] | None = None, mistakes: int = 16
+) -> Report:
     """The numbers of the evaluation report from a model's class probabilities ``(N, K)`` (or
     logits: only their order matters) and the true ``labels`` ``(N,)``: confusion matrix,
     per-class accuracy and the ``mistakes`` misclassified samples predicted most confidently."""
     probabilities, labels = np.asarray(probabilities), np.asarray(labels)
     if probabilities.ndim != 2 or labels.shape != (len(probabilities),):
-        raise ValueError(f"expected probabilities (N, K) and labels (N,), got shapes "
-                         f"{probabilities.shape} and {labels.shape}")
+        raise ValueError(
+            f"expected probabilities (N, K) and labels (N,), got shapes "
+            f"{probabilities.shape} and {labels.shape}"
+        )
     k = probabilities.shape[1]
     if len(labels) and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"labels must be in [0, {k}), found {labels.min()}..{labels.max()}")
@@ -184,11 +194,16 @@ def evaluation_report(probabilities, labels, classes: Sequence[str] | None = Non
     confidence = probabilities[wrong, predicted[wrong]]
     worst = wrong[np.argsort(-confidence, kind="stable")[:mistakes]]
     return Report(
-        confusion=confusion, per_class_accuracy=per_class,
+        confusion=confusion,
+        per_class_accuracy=per_class,
         accuracy=float((predicted == labels).mean()) if len(labels) else float("nan"),
         count=len(labels),
-        mistakes=[Mistake(int(i), int(labels[i]), int(predicted[i]),
-                          float(probabilities[i, predicted[i]])) for i in worst],
+        mistakes=[
+            Mistake(
+                int(i), int(labels[i]), int(predicted[i]), float(probabilities[i, predicted[i]])
+            )
+            for i in worst
+        ],
         classes=classes,
     )
 
@@ -210,8 +225,16 @@ def plot_report(report: Report, images, path, title: str | None = None) -> Path:
     return _save(fig, path)
 
 
-def plot_evaluation(model, x, y, path, images=None, classes: Sequence[str] | None = None,
-                    mistakes: int = 16, batch_size: int = 500) -> Report:
+def plot_evaluation(
+    model,
+    x,
+    y,
+    path,
+    images=None,
+    classes: Sequence[str] | None = None,
+    mistakes: int = 16,
+    batch_size: int = 500,
+) -> Report:
     """Evaluate ``model`` on ``(x, y)`` and write the report (:func:`plot_report`) to ``path``.
 
     ``images`` are what the mistake grid shows (default ``x``; pass the un-normalised pixels to
@@ -232,8 +255,7 @@ def _draw_confusion(ax, confusion, classes):
     norm = LogNorm(1, max(np.nanmax(off), 2) if np.isfinite(off).any() else 2)
     if np.isfinite(off).any():
         ax.imshow(off, cmap="Reds", norm=norm, interpolation="none")
-    ax.imshow(diag, cmap="Greens", vmin=0, vmax=max(np.nanmax(diag), 1) * 1.6,
-              interpolation="none")
+    ax.imshow(diag, cmap="Greens", vmin=0, vmax=max(np.nanmax(diag), 1) * 1.6, interpolation="none")
     ax.set_facecolor("white")
     size = 9 if k <= 10 else max(5, int(90 / k))
     for i in range(k):
@@ -241,9 +263,16 @@ def _draw_confusion(ax, confusion, classes):
             count = confusion[i, j]
             if count or i == j:
                 dark = i != j and norm(count) > 0.6  # white stays readable on deep red
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=size,
-                        fontweight="bold" if i == j else "normal",
-                        color="white" if dark else "black" if i == j else "#600")
+                ax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    fontweight="bold" if i == j else "normal",
+                    color="white" if dark else "black" if i == j else "#600",
+                )
     ax.set_xticks(range(k), classes, rotation=90 if max(map(len, classes)) > 2 else 0)
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")
@@ -264,10 +293,22 @@ def _draw_per_class(ax, report):
     ax.set_xlim(left, 100.5)
     for bar, value, acc in zip(bars, values, report.per_class_accuracy):
         text = "n/a" if np.isnan(acc) else f"{value:.1f}%"
-        ax.text(max(value, left) - 0.3, bar.get_y() + bar.get_height() / 2, text, ha="right",
-                va="center", color="white" if value - left > 8 else "black", fontsize=8)
-    ax.axvline(report.accuracy * 100, color="black", linestyle="--", linewidth=1,
-               label=f"overall {report.accuracy:.2%}")
+        ax.text(
+            max(value, left) - 0.3,
+            bar.get_y() + bar.get_height() / 2,
+            text,
+            ha="right",
+            va="center",
+            color="white" if value - left > 8 else "black",
+            fontsize=8,
+        )
+    ax.axvline(
+        report.accuracy * 100,
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"overall {report.accuracy:.2%}",
+    )
     ax.set_yticks(range(k), report.classes)
     ax.invert_yaxis()
     ax.set_xlabel("% correct")
@@ -290,8 +331,11 @@ def _draw_mistakes(subfig, report, images):
         if images is not None:
             ax.imshow(_as_picture(images[mistake.index]), cmap="gray", interpolation="nearest")
         names = report.classes
-        ax.set_title(f"{names[mistake.true]} → {names[mistake.predicted]} "
-                     f"({mistake.probability:.0%})", fontsize=9, color="#a00")
+        ax.set_title(
+            f"{names[mistake.true]} → {names[mistake.predicted]} ({mistake.probability:.0%})",
+            fontsize=9,
+            color="#a00",
+        )
 
 
 def _as_picture(image):
@@ -328,8 +372,9 @@ def plot_filters(model, path, max_filters: int = 64) -> np.ndarray:
     for i, ax in enumerate(axes):
         ax.set_axis_off()
         if i < count:
-            image = ax.imshow(kernels[i], cmap="RdBu_r", vmin=-limit, vmax=limit,
-                              interpolation="nearest")
+            image = ax.imshow(
+                kernels[i], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
+            )
             ax.set_title(str(i), fontsize=7)
     kh, kw = kernels.shape[1:]
     mean = f" (mean over {weight.shape[1]} input channels)" if weight.shape[1] > 1 else ""
@@ -369,8 +414,9 @@ def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
     return [(name, np.asarray(value[0])) for name, value in maps]
 
 
-def plot_feature_maps(model, x, path, max_maps: int = 32,
-                      image=None) -> list[tuple[str, np.ndarray]]:
+def plot_feature_maps(
+    model, x, path, max_maps: int = 32, image=None
+) -> list[tuple[str, np.ndarray]]:
     """The input and the activations of each conv layer (see :func:`feature_maps`) for one input
     ``x`` ``(C, H, W)``, one block of small images per layer (each map on its own scale).
     ``image`` is what the input panel shows (default ``x``). Returns what :func:`feature_maps`
@@ -385,8 +431,9 @@ def plot_feature_maps(model, x, path, max_maps: int = 32,
     first = blocks[0].subplots(1, columns)
     for ax in first:
         ax.set_axis_off()
-    first[0].imshow(_as_picture(x if image is None else image), cmap="gray",
-                    interpolation="nearest")
+    first[0].imshow(
+        _as_picture(x if image is None else image), cmap="gray", interpolation="nearest"
+    )
     first[0].set_title("input", fontsize=9)
     for block, (name, maps) in zip(blocks[1:], layers):
         count = min(len(maps), max_maps)
@@ -397,8 +444,9 @@ def plot_feature_maps(model, x, path, max_maps: int = 32,
             if i < count:
                 ax.imshow(maps[i], cmap="magma", interpolation="nearest")
         shown = f"first {count} of {len(maps)}" if count < len(maps) else f"{len(maps)}"
-        block.suptitle(f"layer {name} (Conv2d): {shown} maps of "
-                       f"{maps.shape[1]}x{maps.shape[2]}", fontsize=10)
+        block.suptitle(
+            f"layer {name} (Conv2d): {shown} maps of {maps.shape[1]}x{maps.shape[2]}", fontsize=10
+        )
     _save(fig, path)
     return layers
 
@@ -419,8 +467,10 @@ def _conv_layers(model):
 # Benchmarks
 
 
-_SPEEDUPS = (("speedup_vs_reference", "vs NumPy reference", "#2ca02c"),
-             ("speedup_vs_torch", "vs PyTorch", "#ff7f0e"))
+_SPEEDUPS = (
+    ("speedup_vs_reference", "vs NumPy reference", "#2ca02c"),
+    ("speedup_vs_torch", "vs PyTorch", "#ff7f0e"),
+)
 
 
 def plot_benchmark(rows: Sequence[dict[str, Any]], path, title: str = "fastconv speed-ups") -> Path:

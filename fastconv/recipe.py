@@ -9,9 +9,21 @@ from . import models, nn, optim
 
 # Training settings that define a run: a resumed run must keep them (a checkpoint stores them).
 RUN_DEFAULTS = {
-    "dataset": "mnist", "arch": "digit-cnn", "epochs": 3, "batch_size": 64, "optimizer": "adamw",
-    "lr": None, "weight_decay": None, "momentum": 0.9, "schedule": "cosine", "augment": None,
-    "label_smoothing": 0.0, "seed": 0, "limit": None, "val_size": 5000, "patience": None,
+    "dataset": "mnist",
+    "arch": "digit-cnn",
+    "epochs": 3,
+    "batch_size": 64,
+    "optimizer": "adamw",
+    "lr": None,
+    "weight_decay": None,
+    "momentum": 0.9,
+    "schedule": "cosine",
+    "augment": None,
+    "label_smoothing": 0.0,
+    "seed": 0,
+    "limit": None,
+    "val_size": 5000,
+    "patience": None,
 }
 DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 1e-2}
@@ -42,8 +54,13 @@ def fresh_config(given: dict) -> dict:
 def make_optimizer(model, config: dict) -> optim.Optimizer:
     params, lr, decay = model.parameters(), config["lr"], config["weight_decay"]
     if config["optimizer"] == "sgd":
-        return optim.SGD(params, lr=lr, momentum=config["momentum"], nesterov=config["momentum"] > 0,
-                         weight_decay=decay)
+        return optim.SGD(
+            params,
+            lr=lr,
+            momentum=config["momentum"],
+            nesterov=config["momentum"] > 0,
+            weight_decay=decay,
+        )
     if config["optimizer"] == "adam":
         return optim.Adam(params, lr=lr, weight_decay=decay)
     return optim.AdamW(params, lr=lr, weight_decay=decay)

@@ -16,13 +16,22 @@ import numpy.typing as npt
 from . import _args
 
 __all__ = [
-    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
-    "avg_pool2d", "avg_pool2d_backward", "unfold", "fold", "batch_norm", "batch_norm_backward",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "unfold",
+    "fold",
+    "batch_norm",
+    "batch_norm_backward",
 ]
 
 
-def _pad(x: np.ndarray, g: _args.ConvGeometry, value: float = 0.0, extra_h: int = 0,
-         extra_w: int = 0) -> np.ndarray:
+def _pad(
+    x: np.ndarray, g: _args.ConvGeometry, value: float = 0.0, extra_h: int = 0, extra_w: int = 0
+) -> np.ndarray:
     """Pad (N, C, H, W) by the geometry's pads, plus enough at the bottom/right for every window."""
     bottom = max(0, (g.out_h - 1) * g.stride[0] + g.dilation[0] * (g.kh - 1) + 1 - g.h - g.pad_top)
     right = max(0, (g.out_w - 1) * g.stride[1] + g.dilation[1] * (g.kw - 1) + 1 - g.w - g.pad_left)
@@ -34,22 +43,24 @@ def _window(padded: np.ndarray, g: _args.ConvGeometry, i: int, j: int) -> np.nda
     """The (N, C, out_h, out_w) slice seen by kernel offset (i, j)."""
     top, left = i * g.dilation[0], j * g.dilation[1]
     return padded[
-        :, :,
-        top: top + (g.out_h - 1) * g.stride[0] + 1: g.stride[0],
-        left: left + (g.out_w - 1) * g.stride[1] + 1: g.stride[1],
+        :,
+        :,
+        top : top + (g.out_h - 1) * g.stride[0] + 1 : g.stride[0],
+        left : left + (g.out_w - 1) * g.stride[1] + 1 : g.stride[1],
     ]
 
 
 def _unpad(padded: np.ndarray, g: _args.ConvGeometry) -> np.ndarray:
-    return padded[:, :, g.pad_top: g.pad_top + g.h, g.pad_left: g.pad_left + g.w]
+    return padded[:, :, g.pad_top : g.pad_top + g.h, g.pad_left : g.pad_left + g.w]
 
 
 def _finish(out: np.ndarray, unbatched: bool) -> np.ndarray:
     return out[0] if unbatched else out
 
 
-def _grouped_windows(padded: np.ndarray, g: _args.ConvGeometry,
-                     groups: int) -> Iterator[tuple[int, int, np.ndarray]]:
+def _grouped_windows(
+    padded: np.ndarray, g: _args.ConvGeometry, groups: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (i, j, patch) with patch (N, groups, C_in / groups, out_h * out_w) for offset (i, j)."""
     for i in range(g.kh):
         for j in range(g.kw):
@@ -92,7 +103,9 @@ def conv2d_backward(
     a = _args.conv_args(input, weight, stride, padding, dilation, groups)
     g, w = a.geometry, a.weight
     c_out = w.shape[0]
-    grad = _args.grad_output_array(grad_output, (g.n, c_out, g.out_h, g.out_w), w.dtype, a.unbatched)
+    grad = _args.grad_output_array(
+        grad_output, (g.n, c_out, g.out_h, g.out_w), w.dtype, a.unbatched
+    )
     grad_g = grad.reshape(g.n, groups, c_out // groups, g.out_h * g.out_w)
     wg = w.reshape(groups, c_out // groups, *w.shape[1:])
     padded = _pad(a.x, g)
@@ -207,7 +220,9 @@ def max_pool2d_backward(
     else:
         indices = _args.pool_indices(indices, shape, g, a.unbatched)
         if indices.size and (indices.min() < -1 or indices.max() >= g.h * g.w):
-            raise ValueError(f"indices: values must lie in [-1, {g.h * g.w}) for input planes of {g.h}x{g.w}")
+            raise ValueError(
+                f"indices: values must lie in [-1, {g.h * g.w}) for input planes of {g.h}x{g.w}"
+            )
     grad_input = np.zeros((g.n * g.c_in, g.h * g.w), dtype=a.x.dtype)
     planes = np.repeat(np.arange(g.n * g.c_in), g.out_h * g.out_w)
     # index -1: a window that saw no input element (only padding) passes no gradient, as torch
@@ -259,7 +274,9 @@ def avg_pool2d_backward(
 ) -> np.ndarray:
     a = _args.pool_args(input, kernel_size, stride, padding, 1, ceil_mode)
     g = a.geometry
-    grad = _args.grad_output_array(grad_output, (g.n, g.c_in, g.out_h, g.out_w), a.x.dtype, a.unbatched)
+    grad = _args.grad_output_array(
+        grad_output, (g.n, g.c_in, g.out_h, g.out_w), a.x.dtype, a.unbatched
+    )
     share = grad / _avg_divisor(g, count_include_pad).astype(a.x.dtype)
     grad_padded = _pad(np.zeros_like(a.x), g)
     for i in range(g.kh):
@@ -357,8 +374,9 @@ def batch_norm_backward(
     grad_weight = (grad * xhat).sum(axis=axes)
     if training:  # the batch's mean and variance depend on x too
         count = x.size // x.shape[1]
-        grad_x = scale[:, None] * (grad - grad_bias[:, None] / count
-                                   - xhat * grad_weight[:, None] / count)
+        grad_x = scale[:, None] * (
+            grad - grad_bias[:, None] / count - xhat * grad_weight[:, None] / count
+        )
     else:
         grad_x = scale[:, None] * grad
     dtype = a.x.dtype

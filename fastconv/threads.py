@@ -51,5 +51,6 @@ def _from_environment() -> None:
     try:
         set_num_threads(int(value))
     except ValueError:
-        raise ValueError(f"FASTCONV_NUM_THREADS: expected a positive integer, got {value!r}") from None
-
+        raise ValueError(
+            f"FASTCONV_NUM_THREADS: expected a positive integer, got {value!r}"
+        ) from None

@@ -34,7 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from . import nn, plots
-from .inference import Evaluation, _check_data, _check_positive_int, evaluate, predict, predict_proba
+from .inference import (
+    Evaluation,
+    _check_data,
+    _check_positive_int,
+    evaluate,
+    predict,
+    predict_proba,
+)
 from .io import SaveError, load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -120,8 +127,12 @@ class History:
         unknown = set(data) - set(cls.COLUMNS)
         if unknown:
             raise ValueError(f"history: unknown column(s): {', '.join(sorted(unknown))}")
-        return cls([{name: data.get(name, [None] * count)[i] for name in cls.COLUMNS}
-                    for i in range(count)])
+        return cls(
+            [
+                {name: data.get(name, [None] * count)[i] for name in cls.COLUMNS}
+                for i in range(count)
+            ]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,16 +198,30 @@ class Trainer:
     """
 
     def __init__(
-        self, model, optimizer, criterion=None, *, scheduler=None, scheduler_interval: str = "step",
-        batch_size: int = 64, seed: int = 0, augment: Callable | None = None,
-        checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
-        extra: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
-        handle_sigint: bool = True, parallel=None,
+        self,
+        model,
+        optimizer,
+        criterion=None,
+        *,
+        scheduler=None,
+        scheduler_interval: str = "step",
+        batch_size: int = 64,
+        seed: int = 0,
+        augment: Callable | None = None,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        extra: dict | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        handle_sigint: bool = True,
+        parallel=None,
     ):
         if criterion is None:
             criterion = nn.CrossEntropyLoss()
         if scheduler_interval not in ("step", "epoch"):
-            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+            )
         _check_positive_int("batch_size", batch_size)
         if checkpoint_every is not None:
             _check_positive_int("checkpoint_every", checkpoint_every)
@@ -219,13 +244,22 @@ class Trainer:
         self._save_error: str | None = None
         self.parallel = parallel if parallel is not None and parallel.size > 1 else SingleProcess()
         if self.parallel.size > 1 and batch_size < 2 * self.parallel.size:
-            raise ValueError(f"batch_size {batch_size} is too small for {self.parallel.size} "
-                             f"ranks: each rank needs at least 2 samples of every batch")
+            raise ValueError(
+                f"batch_size {batch_size} is too small for {self.parallel.size} "
+                f"ranks: each rank needs at least 2 samples of every batch"
+            )
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def fit(self, x, y, epochs: int, validation: tuple | None = None,
-            patience: int | None = None, min_delta: float = 0.0) -> History:
+    def fit(
+        self,
+        x,
+        y,
+        epochs: int,
+        validation: tuple | None = None,
+        patience: int | None = None,
+        min_delta: float = 0.0,
+    ) -> History:
         """Train until ``epochs`` epochs are done (counting those of a resumed run), or until
         the validation loss has not improved by ``min_delta`` for ``patience`` epochs.
 
@@ -238,7 +272,10 @@ class Trainer:
         _check_positive_int("epochs", epochs)
         if patience is not None:
             _check_positive_int("patience", patience)
-        with self._sigint_guard(), self.parallel.guard():  # data-parallel: an error in one rank ends the job
+        with (
+            self._sigint_guard(),
+            self.parallel.guard(),
+        ):  # data-parallel: an error in one rank ends the job
             while self.epoch < epochs and not self.stopped_early:
                 self._run_epoch(x, y, epochs, validation, patience, min_delta)
         return self.history
@@ -271,7 +308,8 @@ class Trainer:
                 self.model.backward(self.criterion.backward())
                 loss_sum, correct = loss * len(yb), int((np.argmax(logits, axis=1) == yb).sum())
                 loss_sum, correct = self.parallel.reduce_step(  # average gradients, sum counts
-                    self.model, len(yb), len(index), loss_sum, correct, self._interrupted)
+                    self.model, len(yb), len(index), loss_sum, correct, self._interrupted
+                )
                 self.optimizer.step()
                 if self.scheduler is not None and self.scheduler_interval == "step":
                     self.scheduler.step()
@@ -281,13 +319,21 @@ class Trainer:
                 self.step = step + 1
                 if bar is not None:
                     bar.update(len(index))
-                    bar.set_postfix({"loss": f"{totals['loss'] / totals['seen']:.4f}",
-                                     "acc": f"{totals['correct'] / totals['seen']:.2%}"},
-                                    refresh=False)
+                    bar.set_postfix(
+                        {
+                            "loss": f"{totals['loss'] / totals['seen']:.4f}",
+                            "acc": f"{totals['correct'] / totals['seen']:.2%}",
+                        },
+                        refresh=False,
+                    )
                 if self._stopping():
                     totals["time"] += time.perf_counter() - started
                     self._stop(self.save_checkpoint())
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < steps:
+                if (
+                    self.checkpoint_every
+                    and self.step % self.checkpoint_every == 0
+                    and self.step < steps
+                ):
                     totals["time"] += time.perf_counter() - started
                     started = time.perf_counter()
                     self.save_checkpoint()
@@ -300,12 +346,18 @@ class Trainer:
     def _end_epoch(self, validation, epochs, patience, min_delta):
         totals = self._totals
         seen = max(totals["seen"], 1)
-        row = {"epoch": self.epoch + 1, "train_loss": totals["loss"] / seen,
-               "train_acc": totals["correct"] / seen, "lr": totals["lr"]}
+        row = {
+            "epoch": self.epoch + 1,
+            "train_loss": totals["loss"] / seen,
+            "train_acc": totals["correct"] / seen,
+            "lr": totals["lr"],
+        }
         started = time.perf_counter()
         self.parallel.end_epoch(self.model, self.epoch + 1)
         if validation is not None:
-            result = self.parallel.evaluate(self.model, *validation, batch_size=max(self.batch_size, 256))
+            result = self.parallel.evaluate(
+                self.model, *validation, batch_size=max(self.batch_size, 256)
+            )
             row.update(val_loss=result.loss, val_acc=result.accuracy)
         row["time"] = totals["time"] + time.perf_counter() - started
         self.history.append(**row)
@@ -334,8 +386,16 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, unit="img", unit_scale=False, leave=False,
-                    desc=f"epoch {epoch + 1}/{epochs}", disable=None, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            initial=initial,
+            unit="img",
+            unit_scale=False,
+            leave=False,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=None,
+            dynamic_ncols=True,
+        )
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -359,9 +419,15 @@ class Trainer:
     def _write_checkpoint(self, path: Path) -> Path | None:
         try:
             save_checkpoint(
-                path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                rng_states=_generator_states(self.model), epoch=self.epoch, step=self.step,
-                history=self.history.to_dict(), extra={**self.extra, "trainer": self._state()},
+                path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                rng_states=_generator_states(self.model),
+                epoch=self.epoch,
+                step=self.step,
+                history=self.history.to_dict(),
+                extra={**self.extra, "trainer": self._state()},
             )
         except SaveError as err:
             self._save_error = str(err)
@@ -386,7 +452,8 @@ class Trainer:
                 f"{state.get('batch_size')}, this trainer has {self.seed} and {self.batch_size}"
             )
         if (self.optimizer is None) != (ckpt.optimizer_state is None) or (
-            self.scheduler is None) != (ckpt.scheduler_state is None):
+            self.scheduler is None
+        ) != (ckpt.scheduler_state is None):
             raise ValueError("checkpoint: optimiser/scheduler presence differs from this trainer")
         current = self.model.state_dict()
         for key, value in current.items():
@@ -404,8 +471,9 @@ class Trainer:
         history = History.from_dict(ckpt.history or {})
         backup = self._restorable()
         try:
-            self._restore(ckpt.model_state, ckpt.optimizer_state, ckpt.scheduler_state,
-                          ckpt.rng_states)
+            self._restore(
+                ckpt.model_state, ckpt.optimizer_state, ckpt.scheduler_state, ckpt.rng_states
+            )
         except (ValueError, KeyError, TypeError) as err:
             self._restore(*backup)  # all or nothing
             raise ValueError(f"checkpoint: cannot restore: {err}") from None
@@ -435,8 +503,11 @@ class Trainer:
 
     def _state(self) -> dict:
         return {
-            "seed": self.seed, "batch_size": self.batch_size, "totals": dict(self._totals),
-            "best_val_loss": self.best_val_loss, "bad_epochs": self.bad_epochs,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "totals": dict(self._totals),
+            "best_val_loss": self.best_val_loss,
+            "bad_epochs": self.bad_epochs,
             "stopped_early": self.stopped_early,
         }
 
@@ -466,7 +537,9 @@ class Trainer:
         raise TrainingInterrupted(saved_path, self.epoch, self.step, error)
 
 
-def fit(model, optimizer, x, y, epochs: int, *, validation=None, patience=None, **options) -> History:
+def fit(
+    model, optimizer, x, y, epochs: int, *, validation=None, patience=None, **options
+) -> History:
     """One-call training: ``Trainer(model, optimizer, **options).fit(x, y, epochs, ...)``."""
     return Trainer(model, optimizer, **options).fit(x, y, epochs, validation, patience)
 

@@ -15,13 +15,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fastconv._conv
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import fastconv
-import fastconv._conv
 
 # Real MNIST / Fashion-MNIST: $FASTCONV_DATA_DIR, else ../shared/data beside the checkout.
 DATA_ROOT = Path(
@@ -75,8 +75,10 @@ def _fail_unexpected_skip(report) -> None:
     reason = _unexpected_skip(report)
     if reason is not None:
         report.outcome = "failed"
-        report.longrepr = (f"skipped under CI=true: {reason}\n(CI runs every test; a skip that "
-                           "is by design goes into EXPECTED_SKIPS in tests/conftest.py)")
+        report.longrepr = (
+            f"skipped under CI=true: {reason}\n(CI runs every test; a skip that "
+            "is by design goes into EXPECTED_SKIPS in tests/conftest.py)"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -94,7 +96,11 @@ def pytest_make_collect_report(collector):
 
 # Deterministic runs: the same examples every time, nothing written to .hypothesis/.
 settings.register_profile(
-    "fastconv", derandomize=True, database=None, deadline=None, print_blob=True,
+    "fastconv",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("fastconv")
@@ -152,6 +158,7 @@ def workspace_limit():
 
 # --- random valid cases ----------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     """A call's arguments: `fn(*args, **kwargs)`; `dtype` is the input's."""
@@ -205,8 +212,11 @@ def conv_cases(draw, max_batch: int = 3, max_channels: int = 3, bias=None):
         if kind == "valid":
             padding, total = "valid", (0, 0)
         else:
-            padding = draw(st.integers(0, 2)) if kind == "int" else (
-                draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+            padding = (
+                draw(st.integers(0, 2))
+                if kind == "int"
+                else (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+            )
             total = tuple(2 * p for p in _as_pair(padding))
     h = _size(draw, dh * (kh - 1) + 1 - total[0])
     w = _size(draw, dw * (kw - 1) + 1 - total[1])
@@ -216,21 +226,27 @@ def conv_cases(draw, max_batch: int = 3, max_channels: int = 3, bias=None):
     weight = random_array(seed + 1, (c_out, c_in // groups, kh, kw), dtype)
     with_bias = draw(st.booleans()) if bias is None else bias
     b = random_array(seed + 2, (c_out,), dtype) if with_bias else None
-    return Case((x, weight, b), dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
+    return Case(
+        (x, weight, b), dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    )
 
 
 @st.composite
-def pool_cases(draw, kind: str = "max", max_batch: int = 3, max_channels: int = 3,
-               empty_windows: bool = True):
+def pool_cases(
+    draw, kind: str = "max", max_batch: int = 3, max_channels: int = 3, empty_windows: bool = True
+):
     """max_pool2d / avg_pool2d arguments. With empty_windows=False no max window can lie in the
     padding only (that needs dilation larger than the input)."""
     dtype = draw(dtypes)
     kernel_size = _int_or_pair(draw, st.integers(1, 4))
     kh, kw = _as_pair(kernel_size)
     padding = (draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2)))
-    stride = draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    kwargs = dict(kernel_size=kernel_size, stride=stride, padding=padding,
-                  ceil_mode=draw(st.booleans()))
+    stride = draw(
+        st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    )
+    kwargs = dict(
+        kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=draw(st.booleans())
+    )
     dh = dw = 1
     if kind == "max":
         kwargs["dilation"] = _int_or_pair(draw, st.integers(1, 3))
@@ -262,7 +278,9 @@ def unfold_cases(draw, max_batch: int = 3):
     w = _size(draw, dw * (kw - 1) + 1 - 2 * pw)
     n, c = draw(st.integers(0, max_batch)), draw(st.integers(1, 3))
     x = random_array(draw(st.integers(0, 2**32 - 1)), (n, c, h, w), dtype)
-    return Case((x,), dict(kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride))
+    return Case(
+        (x,), dict(kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
+    )
 
 
 def blocks(size: int, kernel: int, dilation: int, padding: int, stride: int) -> int:
@@ -275,7 +293,9 @@ def fold_cases(draw, max_batch: int = 3):
     """fold's (input, output_size) plus kwargs; input has exactly the L that output_size implies."""
     case = draw(unfold_cases(max_batch))
     x = case.args[0]
-    k, d, p, s = (_as_pair(case.kwargs[name]) for name in ("kernel_size", "dilation", "padding", "stride"))
+    k, d, p, s = (
+        _as_pair(case.kwargs[name]) for name in ("kernel_size", "dilation", "padding", "stride")
+    )
     length = blocks(x.shape[2], k[0], d[0], p[0], s[0]) * blocks(x.shape[3], k[1], d[1], p[1], s[1])
     shape = (x.shape[0], x.shape[1] * k[0] * k[1], length)
     cols = random_array(draw(st.integers(0, 2**32 - 1)), shape, x.dtype)

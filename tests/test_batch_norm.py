@@ -66,7 +66,9 @@ def test_reference_backward_matches_finite_differences(training):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_torch(dtype, training):
-    torch = pytest.importorskip("torch", reason="torch not installed: batch_norm parity not checked")
+    torch = pytest.importorskip(
+        "torch", reason="torch not installed: batch_norm parity not checked"
+    )
     x, w, b, rng = _case((8, 4, 6, 5), dtype, seed=2)
     stats = [rng.random(4).astype(dtype) + 0.5 for _ in range(2)]
     ours = [s.copy() for s in stats]
@@ -76,8 +78,12 @@ def test_matches_torch(dtype, training):
     grad = rng.standard_normal(x.shape).astype(dtype)
     expected.backward(torch.tensor(grad))
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(fc.batch_norm(x, *ours, w, b, training, 0.1, 1e-5),
-                               expected.detach().numpy(), rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(
+        fc.batch_norm(x, *ours, w, b, training, 0.1, 1e-5),
+        expected.detach().numpy(),
+        rtol=tol * 10,
+        atol=tol * 10,
+    )
     for a, e in zip(ours, tstats):
         np.testing.assert_allclose(a, e.numpy(), rtol=tol * 10)
     got = fc.batch_norm_backward(grad, x, w, *stats, training, 1e-5)
@@ -85,14 +91,29 @@ def test_matches_torch(dtype, training):
         np.testing.assert_allclose(g, t.numpy(), rtol=tol * 100, atol=tol * 100)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda x: fc.batch_norm(x, np.zeros(2), np.ones(2)), "running_mean: expected shape"),
-    (lambda x: fc.batch_norm(x, None, None), "running_mean: needed"),
-    (lambda x: fc.batch_norm(x[:1, :, :1, :1], None, None, training=True), "input: expected more than 1"),
-    (lambda x: fc.batch_norm(x, None, None, np.ones(3, np.float64), training=True), "weight: dtype"),
-    (lambda x: fc.batch_norm(x[0, 0, 0], None, None, training=True), "input: expected at least 2"),
-    (lambda x: fc.batch_norm_backward(np.ones((1, 3), np.float32), x, training=True), "grad_output"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x: fc.batch_norm(x, np.zeros(2), np.ones(2)), "running_mean: expected shape"),
+        (lambda x: fc.batch_norm(x, None, None), "running_mean: needed"),
+        (
+            lambda x: fc.batch_norm(x[:1, :, :1, :1], None, None, training=True),
+            "input: expected more than 1",
+        ),
+        (
+            lambda x: fc.batch_norm(x, None, None, np.ones(3, np.float64), training=True),
+            "weight: dtype",
+        ),
+        (
+            lambda x: fc.batch_norm(x[0, 0, 0], None, None, training=True),
+            "input: expected at least 2",
+        ),
+        (
+            lambda x: fc.batch_norm_backward(np.ones((1, 3), np.float32), x, training=True),
+            "grad_output",
+        ),
+    ],
+)
 def test_bad_arguments_are_named(call, match):
     x = np.ones((4, 3, 2, 2), dtype=np.float32)
     with pytest.raises((ValueError, TypeError), match=match):

@@ -15,18 +15,24 @@ def _case(operation):
     return next(c for c in bench.cases() if c.operation == operation)
 
 
-@pytest.mark.parametrize("operation", ["conv forward", "max pool forward", "unfold",
-                                       "LeNet inference"])
+@pytest.mark.parametrize(
+    "operation", ["conv forward", "max pool forward", "unfold", "LeNet inference"]
+)
 def test_check_passes_for_the_real_kernels(operation):
     case = _case(operation)
     bench.check(case, case.make("fastconv"))
 
 
-@pytest.mark.parametrize("operation, kernel", [
-    ("conv forward", "conv2d"), ("conv backward", "conv2d_backward"),
-    ("max pool forward", "max_pool2d"), ("unfold", "unfold"),
-    ("LeNet inference", "_conv2d_max_pool2d"),  # Sequential fuses conv + pool there
-])
+@pytest.mark.parametrize(
+    "operation, kernel",
+    [
+        ("conv forward", "conv2d"),
+        ("conv backward", "conv2d_backward"),
+        ("max pool forward", "max_pool2d"),
+        ("unfold", "unfold"),
+        ("LeNet inference", "_conv2d_max_pool2d"),  # Sequential fuses conv + pool there
+    ],
+)
 def test_check_fails_for_a_kernel_returning_zeros(monkeypatch, operation, kernel):
     """What benchmarks/test_benchmarks.py runs before timing: it must catch a zeroing kernel."""
     real = getattr(functional, kernel)
@@ -44,15 +50,15 @@ def test_check_fails_for_a_kernel_returning_zeros(monkeypatch, operation, kernel
 
 
 def test_run_checks_each_row_before_timing(monkeypatch):
-    monkeypatch.setattr(functional, "fold", lambda cols, *a, **k: np.zeros((64, 32, 14, 14),
-                                                                           cols.dtype))
+    monkeypatch.setattr(
+        functional, "fold", lambda cols, *a, **k: np.zeros((64, 32, 14, 14), cols.dtype)
+    )
     with pytest.raises(AssertionError, match="fold"):
         bench.run(budget=0.001, backends=("fastconv", "reference"), selected=["fold"])
 
 
 def test_run_rows_and_ceiling():
-    rows, ceiling = bench.run(budget=0.001, backends=("fastconv", "reference"),
-                              selected=["unfold"])
+    rows, ceiling = bench.run(budget=0.001, backends=("fastconv", "reference"), selected=["unfold"])
     assert ceiling > 0 and np.isfinite(ceiling)
     assert [r["operation"] for r in rows] == ["unfold"]
     row = rows[0]
@@ -67,9 +73,24 @@ def test_run_rows_and_ceiling():
 def test_bench_command_writes_its_rows(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "fastconv", "bench", "--only", "unfold", "--budget", "0.001",
-         "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "fastconv",
+            "bench",
+            "--only",
+            "unfold",
+            "--budget",
+            "0.001",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())

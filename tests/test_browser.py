@@ -25,21 +25,26 @@ from trained_models import good_model
 
 pytest.importorskip("starlette", reason='the web app needs: pip install "fastconv[serve]"')
 pytest.importorskip("uvicorn", reason='the web app needs: pip install "fastconv[serve]"')
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed "
-                               '(pip install "fastconv[test]")')
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason='Playwright is not installed (pip install "fastconv[test]")'
+)
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="no chromium or chromium-browser on PATH (Debian: apt-get install chromium); "
-           "Playwright's own browser downloads are not used",
+    "Playwright's own browser downloads are not used",
 )
 
 # Strokes in the canvas's unit square (0..1 across and down): lists of points joined by lines.
 ONE = [[(0.52, 0.15), (0.50, 0.85)]]
 SEVEN = [[(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)]]
-ZERO = [[(0.5 + 0.22 * math.sin(2 * math.pi * t / 48), 0.5 - 0.33 * math.cos(2 * math.pi * t / 48))
-         for t in range(49)]]
+ZERO = [
+    [
+        (0.5 + 0.22 * math.sin(2 * math.pi * t / 48), 0.5 - 0.33 * math.cos(2 * math.pi * t / 48))
+        for t in range(49)
+    ]
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,9 @@ def url():
     model = good_model()
     process = subprocess.Popen(
         [sys.executable, "-m", "fastconv", "serve", str(model), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         line = process.stdout.readline()  # "serving MODEL at http://127.0.0.1:PORT/ (...)"
@@ -70,8 +77,9 @@ def url():
 def browser():
     with sync_api.sync_playwright() as playwright:
         # --no-sandbox: Chromium refuses to run as root (CI) with its sandbox on.
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                              args=["--no-sandbox"])
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
         yield chromium
         chromium.close()
 
@@ -129,8 +137,11 @@ def draw_with_finger(page, strokes):
     cdp = page.context.new_cdp_session(page)
 
     def touch(kind, u=None, v=None):
-        points = [] if u is None else [{"x": box["x"] + u * box["width"],
-                                        "y": box["y"] + v * box["height"]}]
+        points = (
+            []
+            if u is None
+            else [{"x": box["x"] + u * box["width"], "y": box["y"] + v * box["height"]}]
+        )
         cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
 
     for stroke in strokes:
@@ -171,8 +182,14 @@ def test_drawn_digit_is_recognised(browser, url, screenshots, digit, strokes):
 
 
 def test_finger_on_a_phone_sized_screen(browser, url, screenshots):
-    page, errors = open_page(browser, url, viewport={"width": 390, "height": 844},
-                             device_scale_factor=2, is_mobile=True, has_touch=True)
+    page, errors = open_page(
+        browser,
+        url,
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page is {width} px wide on a 390 px screen"
     box = page.locator("#pad").bounding_box()
@@ -196,8 +213,9 @@ def test_upload_shows_the_apis_answer_and_errors(browser, url, tmp_path):
     for k in range(3):
         image = tmp_path / f"digit-{k}.png"
         image.write_bytes(png_bytes(pixels[k], scale=4, invert=True))
-        request = urllib.request.Request(url + "/api/predict", data=image.read_bytes(),
-                                         headers={"Content-Type": "image/png"})
+        request = urllib.request.Request(
+            url + "/api/predict", data=image.read_bytes(), headers={"Content-Type": "image/png"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             expected = json.loads(response.read())["label"]
         page.set_input_files("#upload", str(image))

@@ -15,11 +15,26 @@ import pytest
 
 from fastconv import datasets, io
 
-DATA_DIR = Path(os.environ.get("FASTCONV_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
+DATA_DIR = Path(
+    os.environ.get("FASTCONV_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data"
+)
 FASTCONV = [sys.executable, "-m", "fastconv"]
 # A small run: 3,000 digits, 2 epochs of 47 steps, one thread so that runs are comparable bit-for-bit.
-SMALL_RUN = ["--limit", "3000", "--epochs", "2", "--val-size", "500", "--threads", "1",
-             "--no-test", "--no-download", "--seed", "3", "--quiet"]
+SMALL_RUN = [
+    "--limit",
+    "3000",
+    "--epochs",
+    "2",
+    "--val-size",
+    "500",
+    "--threads",
+    "1",
+    "--no-test",
+    "--no-download",
+    "--seed",
+    "3",
+    "--quiet",
+]
 
 
 def env(tmp_path):
@@ -30,8 +45,15 @@ def env(tmp_path):
 
 
 def run(*args, tmp_path, check=True, timeout=600):
-    result = subprocess.run([*FASTCONV, *map(str, args)], capture_output=True, text=True,
-                            cwd=tmp_path, env=env(tmp_path), timeout=timeout, check=False)
+    result = subprocess.run(
+        [*FASTCONV, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env(tmp_path),
+        timeout=timeout,
+        check=False,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -69,8 +91,24 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(mnist_dir, workdir):
     """A model trained by the command line on 5,000 digits for one epoch."""
-    run("train", "--data-dir", mnist_dir, "--limit", "5000", "--epochs", "1", "--val-size", "1000",
-        "--no-test", "--no-download", "--threads", "2", "--out", "digits.npz", tmp_path=workdir)
+    run(
+        "train",
+        "--data-dir",
+        mnist_dir,
+        "--limit",
+        "5000",
+        "--epochs",
+        "1",
+        "--val-size",
+        "1000",
+        "--no-test",
+        "--no-download",
+        "--threads",
+        "2",
+        "--out",
+        "digits.npz",
+        tmp_path=workdir,
+    )
     return workdir / "digits.npz"
 
 
@@ -84,15 +122,36 @@ def reference_run(mnist_dir, workdir):
 # -- help and info ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command, expected", [
-    ([], ["train", "evaluate", "predict", "info"]),
-    (["train"], ["--dataset", "--epochs", "--batch-size", "--lr", "--optimizer", "--seed",
-                 "--data-dir", "--out", "--resume", "--checkpoint", "--checkpoint-every",
-                 "--threads", "--limit", "--quiet", "--patience", "--augment"]),
-    (["evaluate"], ["MODEL", "--dataset", "--data-dir", "--threads", "--json"]),
-    (["predict"], ["MODEL", "IMAGE", "--top", "--json", "--threads"]),
-    (["info"], ["--json"]),
-])
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ([], ["train", "evaluate", "predict", "info"]),
+        (
+            ["train"],
+            [
+                "--dataset",
+                "--epochs",
+                "--batch-size",
+                "--lr",
+                "--optimizer",
+                "--seed",
+                "--data-dir",
+                "--out",
+                "--resume",
+                "--checkpoint",
+                "--checkpoint-every",
+                "--threads",
+                "--limit",
+                "--quiet",
+                "--patience",
+                "--augment",
+            ],
+        ),
+        (["evaluate"], ["MODEL", "--dataset", "--data-dir", "--threads", "--json"]),
+        (["predict"], ["MODEL", "IMAGE", "--top", "--json", "--threads"]),
+        (["info"], ["--json"]),
+    ],
+)
 def test_help_is_complete(tmp_path, command, expected):
     result = run(*command, "--help", tmp_path=tmp_path)
     for option in expected:
@@ -128,12 +187,31 @@ def test_trained_model_file(model):
 
 
 def test_evaluate(model, mnist_dir, workdir):
-    result = run("evaluate", model, "--data-dir", mnist_dir, "--limit", "1000", "--no-download",
-                 tmp_path=workdir)
+    result = run(
+        "evaluate",
+        model,
+        "--data-dir",
+        mnist_dir,
+        "--limit",
+        "1000",
+        "--no-download",
+        tmp_path=workdir,
+    )
     assert "accuracy" in result.stdout and "confusion matrix" in result.stdout
     assert result.stdout.count(" images)\n") == 10  # one per-class line per digit
-    data = json.loads(run("evaluate", model, "--data-dir", mnist_dir, "--limit", "1000", "--json",
-                          "--no-download", tmp_path=workdir).stdout)
+    data = json.loads(
+        run(
+            "evaluate",
+            model,
+            "--data-dir",
+            mnist_dir,
+            "--limit",
+            "1000",
+            "--json",
+            "--no-download",
+            tmp_path=workdir,
+        ).stdout
+    )
     confusion = np.array(data["confusion"])
     assert confusion.shape == (10, 10) and confusion.sum() == data["count"] == 1000
     assert data["accuracy"] == pytest.approx(np.trace(confusion) / 1000)
@@ -219,15 +297,18 @@ def test_missing_dataset(tmp_path):
     assert_one_line_error(result, 1, "MNIST data not found")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--epochs", "0"], "--epochs: expected a positive integer"),
-    (["train", "--lr", "-1"], "--lr: expected a positive number"),
-    (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
-    (["train", "--threads", "two"], "--threads: expected a positive integer"),
-    (["predict", "model.npz"], "the following arguments are required: IMAGE"),
-    (["evaluate", "m.npz", "--top", "3"], "unrecognized arguments: --top 3"),
-    (["nonsense"], "invalid choice: 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--epochs", "0"], "--epochs: expected a positive integer"),
+        (["train", "--lr", "-1"], "--lr: expected a positive number"),
+        (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+        (["train", "--threads", "two"], "--threads: expected a positive integer"),
+        (["predict", "model.npz"], "the following arguments are required: IMAGE"),
+        (["evaluate", "m.npz", "--top", "3"], "unrecognized arguments: --top 3"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+    ],
+)
 def test_bad_options_are_usage_errors(tmp_path, args, message):
     result = run(*args, tmp_path=tmp_path, check=False)
     assert result.returncode == 2
@@ -249,9 +330,22 @@ def test_unusable_paths(tmp_path):
 
 def start_small_run(mnist_dir, workdir, name):
     return subprocess.Popen(
-        [*FASTCONV, "train", "--data-dir", str(mnist_dir), *SMALL_RUN, "--checkpoint-every", "5",
-         "--out", f"{name}.npz"],
-        cwd=workdir, env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *FASTCONV,
+            "train",
+            "--data-dir",
+            str(mnist_dir),
+            *SMALL_RUN,
+            "--checkpoint-every",
+            "5",
+            "--out",
+            f"{name}.npz",
+        ],
+        cwd=workdir,
+        env=env(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -321,13 +415,28 @@ def test_predict_and_evaluate_take_an_onnx_file(model, digit_pngs, mnist_dir, wo
     loaded, meta = io.load_model(model)
     onnx.save(loaded, exported, meta=meta)
     folder, _ = digit_pngs
-    answers = [json.loads(run("predict", path, folder, "--top", "10", "--json",
-                              tmp_path=workdir).stdout) for path in (model, exported)]
+    answers = [
+        json.loads(run("predict", path, folder, "--top", "10", "--json", tmp_path=workdir).stdout)
+        for path in (model, exported)
+    ]
     for ours, theirs in zip(*answers):
         assert [t["label"] for t in ours["top"]] == [t["label"] for t in theirs["top"]]
         for a, b in zip(ours["top"], theirs["top"]):
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
-    scores = [json.loads(run("evaluate", path, "--data-dir", mnist_dir, "--limit", "500",
-                             "--no-download", "--json", tmp_path=workdir).stdout)
-              for path in (model, exported)]
+    scores = [
+        json.loads(
+            run(
+                "evaluate",
+                path,
+                "--data-dir",
+                mnist_dir,
+                "--limit",
+                "500",
+                "--no-download",
+                "--json",
+                tmp_path=workdir,
+            ).stdout
+        )
+        for path in (model, exported)
+    ]
     assert scores[0]["accuracy"] == pytest.approx(scores[1]["accuracy"], abs=1e-9)

@@ -11,8 +11,23 @@ from conftest import DATA_ROOT
 from fastconv import cli, datasets, get_num_threads, io, models, set_num_threads
 from fastconv.train import Trainer, evaluate
 
-TINY = ["--limit", "64", "--batch-size", "32", "--epochs", "2", "--val-size", "32", "--no-test",
-        "--no-download", "--quiet", "--checkpoint-every", "0", "--seed", "1"]
+TINY = [
+    "--limit",
+    "64",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--val-size",
+    "32",
+    "--no-test",
+    "--no-download",
+    "--quiet",
+    "--checkpoint-every",
+    "0",
+    "--seed",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +54,9 @@ def train(tmp_path, data_dir, *options, name="model.npz"):
 
 
 def weights(model):
-    return np.concatenate([v.ravel() for v in model.state_dict().values()
-                           if np.asarray(v).dtype.kind == "f"])
+    return np.concatenate(
+        [v.ravel() for v in model.state_dict().values() if np.asarray(v).dtype.kind == "f"]
+    )
 
 
 def test_dataset_fashion_mnist(tmp_path, data_dir):
@@ -61,19 +77,26 @@ def test_arch_builds_that_architecture(tmp_path, data_dir):
 
 
 def test_optimizer_changes_the_update(tmp_path, data_dir):
-    runs = {name: train(tmp_path, data_dir, "--optimizer", name, "--schedule", "constant",
-                        name=f"{name}.npz") for name in ("sgd", "adamw")}
+    runs = {
+        name: train(
+            tmp_path, data_dir, "--optimizer", name, "--schedule", "constant", name=f"{name}.npz"
+        )
+        for name in ("sgd", "adamw")
+    }
     for name, (_, meta) in runs.items():
         assert meta["training"]["optimizer"] == name
         assert meta["training"]["lr"] == cli.DEFAULT_LR[name]
     assert not np.allclose(weights(runs["sgd"][0]), weights(runs["adamw"][0]))
 
 
-@pytest.mark.parametrize("schedule, factor", [
-    ("constant", 1.0),
-    ("cosine", (1 + math.cos(math.pi * 2 / 4)) / 2),  # after 2 of 4 steps
-    ("step", 0.1**2),  # step_size = max(1, 4 // 3) = 1: two decays of 0.1 after 2 steps
-])
+@pytest.mark.parametrize(
+    "schedule, factor",
+    [
+        ("constant", 1.0),
+        ("cosine", (1 + math.cos(math.pi * 2 / 4)) / 2),  # after 2 of 4 steps
+        ("step", 0.1**2),  # step_size = max(1, 4 // 3) = 1: two decays of 0.1 after 2 steps
+    ],
+)
 def test_schedule_sets_the_learning_rate_of_each_epoch(tmp_path, data_dir, schedule, factor):
     _, meta = train(tmp_path, data_dir, "--schedule", schedule, "--augment")
     lr = meta["history"]["lr"]
@@ -93,8 +116,23 @@ def test_patience_reaches_the_trainer(tmp_path, data_dir, monkeypatch):
     _, meta = train(tmp_path, data_dir, "--patience", "1")
     assert seen == [1] and meta["training"]["patience"] == 1
     # early stopping itself: tests/test_train.py::test_early_stopping
-    assert cli.main(["train", "--data-dir", str(data_dir), *TINY, "--out", str(tmp_path / "n.npz"),
-                     "--patience", "1", "--val-size", "0"]) == cli.EXIT_ERROR  # needs validation
+    assert (
+        cli.main(
+            [
+                "train",
+                "--data-dir",
+                str(data_dir),
+                *TINY,
+                "--out",
+                str(tmp_path / "n.npz"),
+                "--patience",
+                "1",
+                "--val-size",
+                "0",
+            ]
+        )
+        == cli.EXIT_ERROR
+    )  # needs validation
 
 
 def test_label_smoothing_changes_the_loss(tmp_path, data_dir):
@@ -125,12 +163,26 @@ def test_evaluate_dataset_scores_that_test_set(tmp_path, data_dir, capsys):
     train(tmp_path, data_dir)
     capsys.readouterr()
     path = tmp_path / "model.npz"
-    assert cli.main(["evaluate", str(path), "--dataset", "fashion-mnist", "--data-dir",
-                     str(data_dir), "--no-download", "--limit", "200", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                str(path),
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(data_dir),
+                "--no-download",
+                "--limit",
+                "200",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["dataset"] == "fashion-mnist" and result["count"] == 200
     model, _ = io.load_model(path)
     x, y = datasets.fashion_mnist("test", data_dir=data_dir, download=False)
     expected = evaluate(model, x[:200], y[:200], batch_size=500)
     np.testing.assert_array_equal(result["confusion"], expected.confusion)
-

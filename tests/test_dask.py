@@ -21,16 +21,20 @@ import pytest
 pytest.importorskip("distributed", reason="Dask is not installed (pip install 'fastconv[dask]')")
 import dask.array as da  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
+from trained_models import need_mnist, png_bytes, small_model  # noqa: E402
 
 import fastconv  # noqa: E402
 from fastconv import dask_inference as distributed  # noqa: E402
-from trained_models import need_mnist, png_bytes, small_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -64,7 +68,8 @@ def test_mnist_test_set_identical_to_one_process(client, model_path, test_set):
     # The same from a dask.array in other chunks, and from a model object instead of a file.
     lazy = da.from_array(test_set[:2000], chunks=(300, 1, 28, 28))
     np.testing.assert_array_equal(
-        distributed.predict_dask(model, lazy, client, batch_size=500), expected[:2000])
+        distributed.predict_dask(model, lazy, client, batch_size=500), expected[:2000]
+    )
 
 
 def test_the_model_is_built_once_per_worker(client, model_path, test_set):
@@ -77,10 +82,15 @@ def test_the_model_is_built_once_per_worker(client, model_path, test_set):
 
 def _progress(dask_scheduler=None):
     """On the scheduler: (chunks finished, chunks in all, workers holding the model)."""
-    chunks = [ts for key, ts in dask_scheduler.tasks.items()
-              if str(key).startswith("fastconv-predict-")]
-    holders = [ws.address for key, ts in dask_scheduler.tasks.items()
-               if str(key).startswith("fastconv-model-") for ws in ts.who_has or ()]
+    chunks = [
+        ts for key, ts in dask_scheduler.tasks.items() if str(key).startswith("fastconv-predict-")
+    ]
+    holders = [
+        ws.address
+        for key, ts in dask_scheduler.tasks.items()
+        if str(key).startswith("fastconv-model-")
+        for ws in ts.who_has or ()
+    ]
     return sum(ts.state == "memory" for ts in chunks), len(chunks), holders
 
 
@@ -133,8 +143,12 @@ def image_folder(tmp_path_factory, test_set):
 def test_image_files_and_an_unreadable_one(client, model_path, image_folder):
     model, meta = fastconv.io.load_model(model_path)
     files = sorted(str(p) for p in image_folder.iterdir())
-    inputs = np.stack([fastconv.preprocess.to_mnist_input(f, mean=meta["mean"], std=meta["std"])
-                       for f in files[:-1]])
+    inputs = np.stack(
+        [
+            fastconv.preprocess.to_mnist_input(f, mean=meta["mean"], std=meta["std"])
+            for f in files[:-1]
+        ]
+    )
     expected = one_thread_predict(model, inputs, 8)
     result = distributed.predict_files_dask(model_path, image_folder, client, batch_size=8)
     assert list(result.errors) == [20] and "zz-broken.png" in result.errors[20]
@@ -148,8 +162,21 @@ def test_cli_predict_on_dask_writes_the_same_csv(model_path, image_folder, tmp_p
     def predict(*options):
         out = tmp_path / f"{len(options)}.csv"
         result = subprocess.run(
-            [sys.executable, "-m", "fastconv", "predict", str(model_path), str(image_folder),
-             "--out", str(out), *options], capture_output=True, text=True, timeout=180)
+            [
+                sys.executable,
+                "-m",
+                "fastconv",
+                "predict",
+                str(model_path),
+                str(image_folder),
+                "--out",
+                str(out),
+                *options,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert result.returncode == 1, result.stderr  # the broken file is an error ...
         assert "zz-broken.png" in result.stderr
         assert "wrote 20 predictions" in result.stdout  # ... the others are written
@@ -159,14 +186,30 @@ def test_cli_predict_on_dask_writes_the_same_csv(model_path, image_folder, tmp_p
     plain, on_dask = predict(), predict("--dask", "local:2")
     assert on_dask[0] == plain[0] == ["path", "class", *[str(i) for i in range(10)]]
     assert [row[:2] for row in on_dask] == [row[:2] for row in plain]
-    np.testing.assert_allclose(np.array([row[2:] for row in on_dask[1:]], dtype=float),
-                               np.array([row[2:] for row in plain[1:]], dtype=float), atol=1e-5)
+    np.testing.assert_allclose(
+        np.array([row[2:] for row in on_dask[1:]], dtype=float),
+        np.array([row[2:] for row in plain[1:]], dtype=float),
+        atol=1e-5,
+    )
 
 
 def test_cli_rejects_a_bad_dask_address(model_path, image_folder):
     result = subprocess.run(
-        [sys.executable, "-m", "fastconv", "predict", str(model_path), str(image_folder),
-         "--dask", "local:zero"], capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "fastconv",
+            "predict",
+            str(model_path),
+            str(image_folder),
+            "--dask",
+            "local:zero",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "fastconv: error: --dask local:zero: expected local:N with N >= 1 workers"]
+        "fastconv: error: --dask local:zero: expected local:N with N >= 1 workers"
+    ]

@@ -39,17 +39,19 @@ def _spy_shifted(monkeypatch):
     return seen
 
 
-cases = st.fixed_dictionaries({
-    "n": st.integers(1, 3),
-    "c_in": st.integers(1, 12),
-    "c_out": st.integers(1, 20),
-    "h": st.integers(1, 16),
-    "w": st.integers(1, 16),
-    "k": st.integers(1, 6),
-    "padding": st.integers(0, 3),
-    "bias": st.booleans(),
-    "seed": st.integers(0, 2**31 - 1),
-})
+cases = st.fixed_dictionaries(
+    {
+        "n": st.integers(1, 3),
+        "c_in": st.integers(1, 12),
+        "c_out": st.integers(1, 20),
+        "h": st.integers(1, 16),
+        "w": st.integers(1, 16),
+        "k": st.integers(1, 6),
+        "padding": st.integers(0, 3),
+        "bias": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -63,18 +65,25 @@ def test_shifted_direct_convolution_matches_the_reference(case):
     w = rng.standard_normal((case["c_out"], case["c_in"], k, k)).astype(np.float32)
     b = rng.standard_normal(case["c_out"]).astype(np.float32) if case["bias"] else None
     y = fc.conv2d(x, w, b, padding=p)
-    expected = reference.conv2d(x.astype(np.float64), w.astype(np.float64),
-                                None if b is None else b.astype(np.float64), padding=p)
+    expected = reference.conv2d(
+        x.astype(np.float64),
+        w.astype(np.float64),
+        None if b is None else b.astype(np.float64),
+        padding=p,
+    )
     scale = max(np.abs(expected).max(), 1.0)
     assert y.shape == expected.shape
     assert np.abs(y - expected).max() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("kwargs, shifted", [
-    ({"padding": 2}, True),
-    ({"stride": 2}, False),  # strided: im2col + GEMM
-    ({"dilation": 2}, False),
-])
+@pytest.mark.parametrize(
+    "kwargs, shifted",
+    [
+        ({"padding": 2}, True),
+        ({"stride": 2}, False),  # strided: im2col + GEMM
+        ({"dilation": 2}, False),
+    ],
+)
 def test_shifted_path_runs_exactly_where_it_applies(monkeypatch, kwargs, shifted):
     seen = _spy_shifted(monkeypatch)
     rng = np.random.default_rng(1)
@@ -93,8 +102,9 @@ def test_fused_conv_and_pool_on_the_shifted_path(monkeypatch):
     b = rng.standard_normal(6).astype(np.float32)
     pooled, indices, shape = F._conv2d_max_pool2d(x, w, b, 1, 2, 1, 1, (2, 2, 0, 1, False), True)
     assert seen == [_conv.winograd_products_backend() == "micro-kernel"]
-    conv = reference.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
-                            padding=2)
+    conv = reference.conv2d(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=2
+    )
     expected, expected_indices = reference.max_pool2d(conv, 2, return_indices=True)
     assert shape == conv.shape
     np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-5)

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA_ROOT
 
 import fastconv
-from conftest import DATA_ROOT
 from fastconv import data_parallel as distributed
 
 MNIST = DATA_ROOT / "mnist"
@@ -68,8 +68,14 @@ def run_ranks(args: list[str], ranks: int = 2, timeout: float = 240) -> subproce
 
 
 def _run(command, timeout, env=None) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env=env)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -86,8 +92,11 @@ def _run(command, timeout, env=None) -> subprocess.CompletedProcess:
 
 def plain_env() -> dict:
     """The environment without any MPI launcher's variables: a plain single process."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("OMPI_", "PMIX_", "PMI_", "MV2_", "MPI_LOCAL"))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OMPI_", "PMIX_", "PMI_", "MV2_", "MPI_LOCAL"))
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,8 +126,9 @@ def test_without_a_launcher_everything_is_one_plain_process(monkeypatch):
     assert all((p.grad == 1).all() for p in model.parameters())
     parallel = distributed.DataParallel()
     assert (parallel.rank, parallel.size) == (0, 1)
-    trainer = fastconv.train.Trainer(model, fastconv.optim.SGD(model.parameters(), lr=0.1),
-                                     parallel=parallel)
+    trainer = fastconv.train.Trainer(
+        model, fastconv.optim.SGD(model.parameters(), lr=0.1), parallel=parallel
+    )
     assert isinstance(trainer.parallel, fastconv.train.SingleProcess)  # one rank: the plain loop
 
 
@@ -126,9 +136,26 @@ def test_without_a_launcher_everything_is_one_plain_process(monkeypatch):
 def test_train_distributed_without_mpi_is_a_plain_run(tmp_path):
     """`fastconv train --distributed` outside mpiexec, with mpi4py unimportable, trains exactly
     as `fastconv train`."""
-    common = ["train", "--data-dir", str(MNIST), "--no-download", "--limit", "300",
-              "--val-size", "100", "--epochs", "1", "--batch-size", "50", "--no-test", "--quiet",
-              "--checkpoint-every", "0", "--threads", "1"]
+    common = [
+        "train",
+        "--data-dir",
+        str(MNIST),
+        "--no-download",
+        "--limit",
+        "300",
+        "--val-size",
+        "100",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--no-test",
+        "--quiet",
+        "--checkpoint-every",
+        "0",
+        "--threads",
+        "1",
+    ]
     hide_mpi = "import sys; sys.modules['mpi4py'] = None; from fastconv.cli import main; "
     for name, extra in (("plain", []), ("distributed", ["--distributed"])):
         argv = [*common, "--out", str(tmp_path / f"{name}.npz"), *extra]
@@ -253,12 +280,17 @@ def trained(tmp_path_factory):
     started = time.perf_counter()
     result = run_ranks([sys.executable, str(script), str(MNIST), str(folder), "train"])
     assert result.returncode == 0, f"mpiexec failed:\n{result.stdout}\n{result.stderr}"
-    alone = _run([sys.executable, str(script), str(MNIST), str(folder), "train"], timeout=240,
-                 env=plain_env())
+    alone = _run(
+        [sys.executable, str(script), str(MNIST), str(folder), "train"],
+        timeout=240,
+        env=plain_env(),
+    )
     assert alone.returncode == 0, alone.stderr
     print(f"2 ranks and 1 process: {time.perf_counter() - started:.1f} s")
-    notes = {(size, rank): json.loads((folder / f"notes-{size}-{rank}.json").read_text())
-             for size, rank in ((2, 0), (2, 1), (1, 0))}
+    notes = {
+        (size, rank): json.loads((folder / f"notes-{size}-{rank}.json").read_text())
+        for size, rank in ((2, 0), (2, 1), (1, 0))
+    }
     return notes, folder
 
 
@@ -279,8 +311,9 @@ def test_ranks_end_bit_identical(trained, name):
 
 
 @needs_mpi
-@pytest.mark.parametrize("name, rtol", [("even-f32", 1e-5), ("uneven-f32", 1e-5),
-                                        ("uneven-f64", 1e-12)])
+@pytest.mark.parametrize(
+    "name, rtol", [("even-f32", 1e-5), ("uneven-f32", 1e-5), ("uneven-f64", 1e-12)]
+)
 def test_two_ranks_match_one_process(trained, name, rtol):
     notes, folder = trained
     ranks, alone = _weights(folder, name, 2, 0), _weights(folder, name, 1, 0)
@@ -344,9 +377,26 @@ def test_a_failing_rank_stops_the_job(tmp_path, mode):
 @needs_mnist
 def test_cli_train_distributed_and_resume(tmp_path):
     out = tmp_path / "model.npz"
-    common = ["-m", "fastconv", "train", "--distributed", "--data-dir", str(MNIST),
-              "--no-download", "--limit", "800", "--val-size", "300", "--batch-size", "50",
-              "--no-test", "--checkpoint-every", "0", "--out", str(out)]
+    common = [
+        "-m",
+        "fastconv",
+        "train",
+        "--distributed",
+        "--data-dir",
+        str(MNIST),
+        "--no-download",
+        "--limit",
+        "800",
+        "--val-size",
+        "300",
+        "--batch-size",
+        "50",
+        "--no-test",
+        "--checkpoint-every",
+        "0",
+        "--out",
+        str(out),
+    ]
     result = run_ranks([sys.executable, *common, "--epochs", "1"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -356,8 +406,15 @@ def test_cli_train_distributed_and_resume(tmp_path):
     first = fastconv.io.load_model(out)
     assert len(first.meta["history"]["epoch"]) == 1
 
-    resume = [sys.executable, "-m", "fastconv", "train", "--distributed", "--resume",
-              str(tmp_path / "model.ckpt.npz")]
+    resume = [
+        sys.executable,
+        "-m",
+        "fastconv",
+        "train",
+        "--distributed",
+        "--resume",
+        str(tmp_path / "model.ckpt.npz"),
+    ]
     again = run_ranks([*resume, "--no-test"])  # every rank loads it; the run was complete
     assert again.returncode == 0, again.stderr
     assert sum(line.startswith("saved ") for line in again.stdout.splitlines()) == 1

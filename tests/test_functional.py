@@ -11,8 +11,14 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import (
-    assert_close, assert_results_close, conv_cases, fold_cases, pool_cases, random_array,
-    run_python, unfold_cases,
+    assert_close,
+    assert_results_close,
+    conv_cases,
+    fold_cases,
+    pool_cases,
+    random_array,
+    run_python,
+    unfold_cases,
 )
 from hypothesis import given, settings
 
@@ -28,6 +34,7 @@ def grad_like(output, seed=11):
 
 
 # --- random cases against the reference ------------------------------------------------------
+
 
 @settings(max_examples=EXAMPLES)
 @given(conv_cases())
@@ -77,7 +84,9 @@ def test_max_pool2d_backward(case):
 @settings(max_examples=EXAMPLES)
 @given(pool_cases("avg"))
 def test_avg_pool2d(case):
-    assert_close(fc.avg_pool2d(*case.args, **case.kwargs), ref.avg_pool2d(*case.args, **case.kwargs))
+    assert_close(
+        fc.avg_pool2d(*case.args, **case.kwargs), ref.avg_pool2d(*case.args, **case.kwargs)
+    )
 
 
 @settings(max_examples=EXAMPLES)
@@ -112,8 +121,16 @@ CONV_SHAPES = {
     "depthwise": ((2, 8, 9, 7), (8, 1, 3, 3), dict(groups=8, padding=1)),
     "depthwise multiplier 2": ((2, 4, 6, 6), (8, 1, 3, 3), dict(groups=4, stride=2)),
     "same, even kernel": ((2, 3, 6, 7), (4, 3, 4, 2), dict(padding="same")),
-    "same, even kernel, dilated": ((1, 2, 9, 8), (3, 2, 2, 4), dict(padding="same", dilation=(3, 2))),
-    "valid, strided, non-square": ((3, 2, 11, 6), (5, 2, 3, 2), dict(padding="valid", stride=(3, 2))),
+    "same, even kernel, dilated": (
+        (1, 2, 9, 8),
+        (3, 2, 2, 4),
+        dict(padding="same", dilation=(3, 2)),
+    ),
+    "valid, strided, non-square": (
+        (3, 2, 11, 6),
+        (5, 2, 3, 2),
+        dict(padding="valid", stride=(3, 2)),
+    ),
     "stride larger than kernel": ((2, 3, 10, 10), (4, 3, 2, 2), dict(stride=4, padding=(0, 1))),
     "1x1 kernel": ((2, 16, 5, 5), (8, 16, 1, 1), dict()),
     "long reduction": ((2, 64, 6, 6), (16, 64, 3, 3), dict(padding=1)),
@@ -130,7 +147,8 @@ def test_conv2d_named_shapes(name, dtype):
     assert_close(out, ref.conv2d(x, weight, bias, **kwargs))
     grad = grad_like(out)
     assert_results_close(
-        fc.conv2d_backward(grad, x, weight, **kwargs), ref.conv2d_backward(grad, x, weight, **kwargs)
+        fc.conv2d_backward(grad, x, weight, **kwargs),
+        ref.conv2d_backward(grad, x, weight, **kwargs),
     )
 
 
@@ -145,8 +163,10 @@ def test_pooling_kernel_equal_to_input_and_empty_batch(dtype):
 
 # --- the ways an array can come in ------------------------------------------------------------
 
+
 def _layouts():
     """name -> function turning a contiguous array into an equal array laid out differently."""
+
     def strided(a):  # every other element of a twice-as-large array
         big = np.zeros(tuple(2 * s for s in a.shape), dtype=a.dtype)
         big[tuple(slice(None, None, 2) for _ in a.shape)] = a
@@ -154,7 +174,8 @@ def _layouts():
 
     def reversed_(a):  # negative strides on every axis, same values
         return np.ascontiguousarray(a[tuple(slice(None, None, -1) for _ in a.shape)])[
-            tuple(slice(None, None, -1) for _ in a.shape)]
+            tuple(slice(None, None, -1) for _ in a.shape)
+        ]
 
     def read_only(a):
         a = a.copy()
@@ -162,9 +183,13 @@ def _layouts():
         return a
 
     return {
-        "contiguous": lambda a: a, "fortran": np.asfortranarray, "strided": strided,
-        "negative strides": reversed_, "transposed view": lambda a: np.ascontiguousarray(a.T).T,
-        "list": lambda a: a.tolist(), "read-only": read_only,
+        "contiguous": lambda a: a,
+        "fortran": np.asfortranarray,
+        "strided": strided,
+        "negative strides": reversed_,
+        "transposed view": lambda a: np.ascontiguousarray(a.T).T,
+        "list": lambda a: a.tolist(),
+        "read-only": read_only,
     }
 
 
@@ -203,7 +228,9 @@ CALLS = list(_calls(np.float64))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_layout_gives_the_contiguous_result(call, layout, dtype):
     name, arrays, kwargs = _calls(dtype)[call]
-    arranged = [LAYOUTS[layout](a) if isinstance(a, np.ndarray) and a.ndim > 1 else a for a in arrays]
+    arranged = [
+        LAYOUTS[layout](a) if isinstance(a, np.ndarray) and a.ndim > 1 else a for a in arrays
+    ]
     before = [np.array(a, copy=True) for a in arranged if isinstance(a, np.ndarray)]
     if layout == "list" and dtype == np.float32:
         # Python floats are float64: lists only make a float64 call; beside a float32 array
@@ -254,6 +281,7 @@ def test_unbatched_input_gives_the_batched_result_without_its_batch_axis(call, d
 
 # --- conv2d_backward's output_mask -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mask", list(itertools.product([True, False], repeat=3)))
 @pytest.mark.parametrize("unbatched", [False, True])
 def test_output_mask_skips_exactly_the_gradients_not_asked_for(mask, unbatched):
@@ -281,6 +309,7 @@ def test_output_mask_with_read_only_arrays():
 
 # --- NaN and inf, determinism ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nan_and_inf_propagate_as_in_the_reference(dtype):
     x = random_array(0, (2, 3, 7, 6), dtype)
@@ -299,7 +328,10 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype):
 
 
 def test_repeated_calls_give_bitwise_identical_results():
-    x, weight = random_array(0, (8, 8, 10, 10), np.float32), random_array(1, (8, 8, 3, 3), np.float32)
+    x, weight = (
+        random_array(0, (8, 8, 10, 10), np.float32),
+        random_array(1, (8, 8, 3, 3), np.float32),
+    )
     grad = grad_like(fc.conv2d(x, weight, padding=1))
     first = fc.conv2d_backward(grad, x, weight, padding=1)
     for _ in range(3):
@@ -308,6 +340,7 @@ def test_repeated_calls_give_bitwise_identical_results():
 
 
 # --- the workspace: bounded, and chunking changes nothing -----------------------------------
+
 
 def test_workspace_does_not_grow_with_the_batch(workspace_limit):
     """Extra memory (beyond the output) of a conv2d is the same for a batch of 4 and of 64."""
@@ -338,7 +371,9 @@ def numpy_matmul_path(monkeypatch):
     monkeypatch.setattr(_blas, "_kernels_call_blas", False)
 
 
-def test_small_workspace_limit_splits_the_batch_into_chunks(workspace_limit, numpy_matmul_path, monkeypatch):
+def test_small_workspace_limit_splits_the_batch_into_chunks(
+    workspace_limit, numpy_matmul_path, monkeypatch
+):
     x, weight = random_array(0, (7, 3, 6, 6), np.float64), random_array(1, (4, 3, 3, 3), np.float64)
     grad = grad_like(ref.conv2d(x, weight, padding=1))
     chunks = []
@@ -354,8 +389,10 @@ def test_small_workspace_limit_splits_the_batch_into_chunks(workspace_limit, num
     assert_close(fc.conv2d(x, weight, padding=1), ref.conv2d(x, weight, padding=1))
     assert chunks == [2, 2, 2, 1]
     chunks.clear()
-    assert_results_close(fc.conv2d_backward(grad, x, weight, padding=1),
-                         ref.conv2d_backward(grad, x, weight, padding=1))
+    assert_results_close(
+        fc.conv2d_backward(grad, x, weight, padding=1),
+        ref.conv2d_backward(grad, x, weight, padding=1),
+    )
     assert chunks == [2, 2, 2, 1]
 
 
@@ -370,11 +407,14 @@ def test_results_do_not_depend_on_the_workspace_limit(workspace_limit, monkeypat
     bias = random_array(2, (6,), np.float32)
     grad = grad_like(ref.conv2d(x, weight, **kwargs))
     assert_close(fc.conv2d(x, weight, bias, **kwargs), ref.conv2d(x, weight, bias, **kwargs))
-    assert_results_close(fc.conv2d_backward(grad, x, weight, **kwargs),
-                         ref.conv2d_backward(grad, x, weight, **kwargs))
+    assert_results_close(
+        fc.conv2d_backward(grad, x, weight, **kwargs),
+        ref.conv2d_backward(grad, x, weight, **kwargs),
+    )
 
 
 # --- in a subprocess: cases that crash or hang a broken kernel -------------------------------
+
 
 def _run_isolated(code, tmp_path, timeout=60):
     """Run code (which saves its results to `out.npz` in tmp_path); return the saved arrays."""
@@ -393,7 +433,8 @@ def _run_isolated(code, tmp_path, timeout=60):
 def test_max_pool_window_without_input_elements(tmp_path):
     """Dilation 3 over 2 rows with padding 1: windows at rows {-1, 2} hold no input element.
     torch gives -inf there and no gradient; the index must not point outside the plane."""
-    got = _run_isolated("""
+    got = _run_isolated(
+        """
         import numpy as np, fastconv as fc
         x = np.random.default_rng(0).standard_normal((2, 3, 2, 5))
         kw = dict(kernel_size=2, stride=2, padding=1, dilation=3)
@@ -403,7 +444,9 @@ def test_max_pool_window_without_input_elements(tmp_path):
                  grad=fc.max_pool2d_backward(grad, x, **kw),
                  grad_given=fc.max_pool2d_backward(grad, x, **kw, indices=indices),
                  grad_unbatched=fc.max_pool2d_backward(grad[0], x[0], **kw))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     x = np.random.default_rng(0).standard_normal((2, 3, 2, 5))
     kw = dict(kernel_size=2, stride=2, padding=1, dilation=3)
     out, indices = ref.max_pool2d(x, **kw, return_indices=True)
@@ -416,32 +459,43 @@ def test_max_pool_window_without_input_elements(tmp_path):
 
 
 def test_max_pool_minus_one_indices_pass_no_gradient(tmp_path):
-    got = _run_isolated("""
+    got = _run_isolated(
+        """
         import numpy as np, fastconv as fc
         x = np.zeros((2, 1, 2, 2))
         indices = np.array([[[[-1]]], [[[3]]]])
         np.savez(OUT, grad=fc.max_pool2d_backward(np.ones((2, 1, 1, 1)), x, 2, indices=indices))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     np.testing.assert_array_equal(got["grad"], [[[[0, 0], [0, 0]]], [[[0, 0], [0, 1]]]])
 
 
 def test_pooling_with_a_huge_kernel_neither_hangs_nor_overflows(tmp_path):
     """Kernel 2**31 - 1 (the largest accepted) with padding 2**30 - 1, stride 1: every window
     covers the whole 16 x 16 input. The divisor with padding counted is (2**31 - 1) ** 2."""
-    got = _run_isolated("""
+    got = _run_isolated(
+        """
         import numpy as np, fastconv as fc
         x = np.random.default_rng(0).standard_normal((1, 2, 16, 16))
         kw = dict(kernel_size=2**31 - 1, stride=1, padding=2**30 - 1)
         out, indices = fc.max_pool2d(x, **kw, return_indices=True)
         np.savez(OUT, out=out, indices=indices,
                  avg=fc.avg_pool2d(x, **kw), avg_real=fc.avg_pool2d(x, **kw, count_include_pad=False))
-    """, tmp_path, timeout=20)
+    """,
+        tmp_path,
+        timeout=20,
+    )
     x = np.random.default_rng(0).standard_normal((1, 2, 16, 16))
     planes = x.reshape(2, -1)
     every = np.ones((1, 2, 16, 16))
     assert_close(got["out"], every * planes.max(axis=1)[None, :, None, None])
-    np.testing.assert_array_equal(got["indices"], every * planes.argmax(axis=1)[None, :, None, None])
-    assert_close(got["avg"], every * (planes.sum(axis=1) / float(2**31 - 1) ** 2)[None, :, None, None])
+    np.testing.assert_array_equal(
+        got["indices"], every * planes.argmax(axis=1)[None, :, None, None]
+    )
+    assert_close(
+        got["avg"], every * (planes.sum(axis=1) / float(2**31 - 1) ** 2)[None, :, None, None]
+    )
     assert_close(got["avg_real"], every * planes.mean(axis=1)[None, :, None, None])
 
 
@@ -454,14 +508,19 @@ def test_huge_padding_and_stride_are_index_bounds_not_a_padded_copy():
     expected[0, :, 1, 1] = weight[:, :, 0, 0] @ x[0, :, 0, 0]
     assert_close(out, expected)
     cols = fc.unfold(x, 1, padding=2**30, stride=2**30)
-    assert cols.shape == (1, 2, 9) and (cols[0, :, 4] == x[0, :, 0, 0]).all() and (cols[0, :, :4] == 0).all()
+    assert (
+        cols.shape == (1, 2, 9)
+        and (cols[0, :, 4] == x[0, :, 0, 0]).all()
+        and (cols[0, :, :4] == 0).all()
+    )
     back = fc.fold(cols, (4, 4), 1, padding=2**30, stride=2**30)
     assert back[0, :, 0, 0].tolist() == x[0, :, 0, 0].tolist() and np.count_nonzero(back) == 2
 
 
 def test_threads_calling_at_once_get_the_sequential_results(tmp_path):
     """Four Python threads, from the process's first call on (so lazy set-up races too)."""
-    got = _run_isolated("""
+    got = _run_isolated(
+        """
         from concurrent.futures import ThreadPoolExecutor
         import numpy as np, fastconv as fc
 
@@ -485,7 +544,10 @@ def test_threads_calling_at_once_get_the_sequential_results(tmp_path):
         sequential = [work(i) for i in tasks]
         np.savez(OUT, **{f"{k}_{j}_{kind}": a for k, (p, s) in enumerate(zip(parallel, sequential))
                         for kind, results in (("p", p), ("s", s)) for j, a in enumerate(results)})
-    """, tmp_path, timeout=120)
+    """,
+        tmp_path,
+        timeout=120,
+    )
     keys = sorted({k.rsplit("_", 1)[0] for k in got})
     assert len(keys) == 48 * 6
     for key in keys:

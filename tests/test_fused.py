@@ -39,8 +39,17 @@ def fused_cases(draw):
 def _conv_layer(case):
     x, weight, bias = case.args
     k = case.kwargs
-    layer = nn.Conv2d(x.shape[1], weight.shape[0], weight.shape[2:], k["stride"], k["padding"],
-                      k["dilation"], k["groups"], bias=bias is not None, dtype=x.dtype)
+    layer = nn.Conv2d(
+        x.shape[1],
+        weight.shape[0],
+        weight.shape[2:],
+        k["stride"],
+        k["padding"],
+        k["dilation"],
+        k["groups"],
+        bias=bias is not None,
+        dtype=x.dtype,
+    )
     layer.weight.data[...] = weight
     if bias is not None:
         layer.bias.data[...] = bias
@@ -76,8 +85,17 @@ def test_fused_values_and_indices_match_the_reference(drawn):
     case, pool = drawn
     x, weight, bias = case.args
     k = case.kwargs
-    result = functional._conv2d_max_pool2d(x, weight, bias, k["stride"], k["padding"],
-                                           k["dilation"], k["groups"], pool, with_indices=True)
+    result = functional._conv2d_max_pool2d(
+        x,
+        weight,
+        bias,
+        k["stride"],
+        k["padding"],
+        k["dilation"],
+        k["groups"],
+        pool,
+        with_indices=True,
+    )
     interior = pool[2] == (0, 0) and not pool[4]
     if result is None:
         assert not (interior and fuses()), "the fusion declined an interior case"
@@ -88,8 +106,17 @@ def test_fused_values_and_indices_match_the_reference(drawn):
     assert conv_shape == conv.shape
     assert_close(out, expected, what="values")
     np.testing.assert_array_equal(got_indices, indices)
-    values_only = functional._conv2d_max_pool2d(x, weight, bias, k["stride"], k["padding"],
-                                                k["dilation"], k["groups"], pool, with_indices=False)
+    values_only = functional._conv2d_max_pool2d(
+        x,
+        weight,
+        bias,
+        k["stride"],
+        k["padding"],
+        k["dilation"],
+        k["groups"],
+        pool,
+        with_indices=False,
+    )
     assert values_only[1] is None
     np.testing.assert_array_equal(values_only[0], out)
 
@@ -101,8 +128,9 @@ def test_sequential_gradients_through_the_fused_path_match_the_reference(drawn, 
     x, weight, _ = case.args
     k = case.kwargs
     conv_layer = _conv_layer(case)
-    model = nn.Sequential(conv_layer, nn.MaxPool2d(*pool[:4], ceil_mode=pool[4]),
-                          needs_input_grad=True)
+    model = nn.Sequential(
+        conv_layer, nn.MaxPool2d(*pool[:4], ceil_mode=pool[4]), needs_input_grad=True
+    )
     with fused_spy() as counts:
         out = model(x)
     interior = pool[2] == (0, 0) and not pool[4]
@@ -123,8 +151,14 @@ def test_sequential_gradients_through_the_fused_path_match_the_reference(drawn, 
 
 
 def lenet_block():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, rng=0), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(4, 6, 3, rng=1), nn.ReLU(), nn.MaxPool2d(2))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, rng=0),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, rng=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
     return model, np.random.default_rng(0).standard_normal((3, 2, 12, 12), dtype=np.float32)
 
 

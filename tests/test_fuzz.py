@@ -30,8 +30,16 @@ import numpy as np
 
 DEFAULT_EXAMPLES = 1500
 ALLOWED = (ValueError, TypeError, MemoryError)
-FUNCTIONS = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-             "avg_pool2d_backward", "unfold", "fold"]
+FUNCTIONS = [
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "unfold",
+    "fold",
+]
 SLOW_CASE_SECONDS = 5.0
 
 
@@ -41,12 +49,16 @@ def test_fuzz_every_public_function_in_a_subprocess():
     try:
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", str(examples)],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as err:
         last = (err.stdout or b"").decode(errors="replace").strip().splitlines()[-3:]
         shown = "\n".join(last)
-        raise AssertionError(f"fuzz worker hung (> {timeout:.0f} s); last cases started:\n{shown}") from None
+        raise AssertionError(
+            f"fuzz worker hung (> {timeout:.0f} s); last cases started:\n{shown}"
+        ) from None
     last_cases = "\n".join(proc.stdout.strip().splitlines()[-3:])
     assert proc.returncode == 0, (
         f"fuzz worker failed with return code {proc.returncode}"
@@ -60,13 +72,13 @@ def test_fuzz_every_public_function_in_a_subprocess():
 
 # --- the worker -------------------------------------------------------------------------------
 
+
 def worker(examples: int) -> None:
     import resource
 
+    from conftest import assert_results_close, wall_clock_limit
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-
-    from conftest import assert_results_close, wall_clock_limit
 
     import fastconv as fc
     from fastconv import reference as ref
@@ -90,8 +102,11 @@ def worker(examples: int) -> None:
         name, args, kwargs, description = case
         counter["cases"] += 1
         print(f"{counter['cases']}: {description}", flush=True)
-        snapshots = [(a, a.copy()) for a in args
-                     if isinstance(a, np.ndarray) and a.dtype != object and a.size < 10**6]
+        snapshots = [
+            (a, a.copy())
+            for a in args
+            if isinstance(a, np.ndarray) and a.dtype != object and a.size < 10**6
+        ]
         ref_kwargs = {k: v for k, v in kwargs.items() if k != "output_mask"}
         expected, ref_error = call(ref, name, args, ref_kwargs)
         start = time.perf_counter()
@@ -119,16 +134,25 @@ def worker(examples: int) -> None:
         if ref_error is not None:
             # The reference shares fastconv's checks (_args), so it only says "refuse"; what the
             # refusal says is checked against the function's own signature instead.
-            assert error is not None, f"{name} returned a result where the reference raised {ref_error!r}"
+            assert error is not None, (
+                f"{name} returned a result where the reference raised {ref_error!r}"
+            )
             assert _names_an_argument(name, error), f"{name}: unclear refusal {error!r}"
             return
         assert error is None, f"{name} raised {error!r} where the reference returned a result"
         if name == "conv2d_backward":
-            expected = tuple(e if wanted else None for e, wanted in zip(expected, kwargs["output_mask"]))
+            expected = tuple(
+                e if wanted else None for e, wanted in zip(expected, kwargs["output_mask"])
+            )
         assert_results_close(got, expected)
 
-    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(fuzz_cases(st))
     def fuzz(case):
         check(case)
@@ -153,7 +177,11 @@ def _names_an_argument(function: str, error: BaseException) -> bool:
     import fastconv as fc
 
     found = re.match(r"([a-z_]+): ", str(error))
-    allowed = set(inspect.signature(getattr(fc, function)).parameters) | {"x", "workspace", "output"}
+    allowed = set(inspect.signature(getattr(fc, function)).parameters) | {
+        "x",
+        "workspace",
+        "output",
+    }
     return found is not None and found.group(1) in allowed
 
 
@@ -169,13 +197,47 @@ def _dtype_of(array_like):
 # --- what the worker throws ----------------------------------------------------------------
 
 FLOATS = [np.float32, np.float64]
-OTHER_DTYPES = [np.float16, np.int32, np.int64, np.uint8, bool, np.complex64, np.complex128,
-                np.dtype(">f8"), np.dtype(">f4"), object]
-BAD_PARAMETERS = [-1, 0, 1.5, 2.0, None, "2", True, (1,), (1, 2, 3), (2, -1), [], 2**31 - 1, 2**31,
-                  2**40, 2**63, 2**64, 10**30, np.float64(1.0)]
+OTHER_DTYPES = [
+    np.float16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    bool,
+    np.complex64,
+    np.complex128,
+    np.dtype(">f8"),
+    np.dtype(">f4"),
+    object,
+]
+BAD_PARAMETERS = [
+    -1,
+    0,
+    1.5,
+    2.0,
+    None,
+    "2",
+    True,
+    (1,),
+    (1, 2, 3),
+    (2, -1),
+    [],
+    2**31 - 1,
+    2**31,
+    2**40,
+    2**63,
+    2**64,
+    10**30,
+    np.float64(1.0),
+]
 GOOD_ODDITIES = [np.int64(2), [1, 2], (2, 1), np.array([1, 2]), np.uint8(1)]
-HUGE_SHAPES = [(1, 1, 10**6, 10**6), (2**40, 1, 4, 4), (1, 2**30, 64, 64), (4, 2**35, 4, 4),
-               (1, 3, 2**45, 1), (2**60, 1, 1, 1)]
+HUGE_SHAPES = [
+    (1, 1, 10**6, 10**6),
+    (2**40, 1, 4, 4),
+    (1, 2**30, 64, 64),
+    (4, 2**35, 4, 4),
+    (1, 3, 2**45, 1),
+    (2**60, 1, 1, 1),
+]
 
 
 def label(name, args, kwargs) -> str:
@@ -183,8 +245,10 @@ def label(name, args, kwargs) -> str:
     shown = []
     for a in args:
         if isinstance(a, np.ndarray):
-            shown.append(f"array{a.shape}:{a.dtype}:strides{a.strides}"
-                         + ("" if a.flags.writeable else ":read-only"))
+            shown.append(
+                f"array{a.shape}:{a.dtype}:strides{a.strides}"
+                + ("" if a.flags.writeable else ":read-only")
+            )
         elif isinstance(a, list):
             shown.append(f"list(shape {np.shape(a)})" if a and isinstance(a[0], list) else repr(a))
         else:
@@ -211,7 +275,10 @@ def explicit_cases():
     x, weight = rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((4, 3, 3, 3))
     valid = {
         "conv2d": ((x, weight, None), dict(padding=1)),
-        "conv2d_backward": ((np.ones((2, 4, 5, 5)), x, weight), dict(padding=1, output_mask=(1, 1, 1))),
+        "conv2d_backward": (
+            (np.ones((2, 4, 5, 5)), x, weight),
+            dict(padding=1, output_mask=(1, 1, 1)),
+        ),
         "max_pool2d": ((x,), dict(kernel_size=2, return_indices=True)),
         "max_pool2d_backward": ((np.ones((2, 3, 2, 2)), x), dict(kernel_size=2)),
         "avg_pool2d": ((x,), dict(kernel_size=2)),
@@ -228,7 +295,11 @@ def explicit_cases():
     read_only = x.copy()
     read_only.flags.writeable = False
     for mask in [(False, True, True), (False, False, False)]:
-        yield "conv2d_backward", (np.ones((2, 4, 5, 5)), read_only, weight), dict(padding=1, output_mask=mask)
+        yield (
+            "conv2d_backward",
+            (np.ones((2, 4, 5, 5)), read_only, weight),
+            dict(padding=1, output_mask=mask),
+        )
     yield "max_pool2d_backward", (np.ones((0, 3, 2, 2)), np.ones((0, 3, 5, 5))), dict(kernel_size=2)
 
     empty_window = dict(kernel_size=2, stride=2, padding=1, dilation=3)  # rows {-1, 2} of 2
@@ -285,8 +356,10 @@ def fuzz_cases(st):
         if rare(draw, 40):
             dtype = pick(draw, OTHER_DTYPES + FLOATS)
         a = a.astype(object) if dtype is object else a.astype(dtype)
-        layout = pick(draw, ["c", "c", "c", "f", "strided", "negative", "broadcast", "list",
-                             "read-only", "0-d"])
+        layout = pick(
+            draw,
+            ["c", "c", "c", "f", "strided", "negative", "broadcast", "list", "read-only", "0-d"],
+        )
         if layout == "f":
             return np.asfortranarray(a)
         if layout == "strided" and a.ndim:
@@ -359,10 +432,19 @@ def fuzz_cases(st):
         kernel = (draw(ints(1, 4)), draw(ints(1, 4)))
         dilation = parameter(draw, 1, 3)
         d = [small(v, 1) for v in pair(dilation)]
-        x = input_array(draw, dtype, c_in, extent(draw, d[0] * (kernel[0] - 1) + 1),
-                        extent(draw, d[1] * (kernel[1] - 1) + 1))
+        x = input_array(
+            draw,
+            dtype,
+            c_in,
+            extent(draw, d[0] * (kernel[0] - 1) + 1),
+            extent(draw, d[1] * (kernel[1] - 1) + 1),
+        )
         weight = arrange(draw, values(draw, (c_out, per_group) + kernel), dtype)
-        padding = pick(draw, ["same", "valid"]) if rare(draw, 4) else parameter(draw, 0, 2, ("bogus", "SAME"))
+        padding = (
+            pick(draw, ["same", "valid"])
+            if rare(draw, 4)
+            else parameter(draw, 0, 2, ("bogus", "SAME"))
+        )
         same = isinstance(padding, str) and padding == "same"
         stride = 1 if same and not rare(draw, 5) else parameter(draw, 1, 3)
         kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -382,8 +464,12 @@ def fuzz_cases(st):
         if rare(draw, 10):
             padding = parameter(draw, 0, 3)
         stride = None if draw(ints(0, 1)) else parameter(draw, 1, 3)
-        kwargs = dict(kernel_size=kernel_size, stride=stride, padding=padding,
-                      ceil_mode=bool(draw(ints(0, 1))))
+        kwargs = dict(
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            ceil_mode=bool(draw(ints(0, 1))),
+        )
         is_max = name.startswith("max")
         d = (1, 1)
         if is_max:
@@ -391,10 +477,17 @@ def fuzz_cases(st):
             d = [small(v, 1) for v in pair(kwargs["dilation"])]
         else:
             kwargs["count_include_pad"] = bool(draw(ints(0, 1)))
-        x = input_array(draw, dtype, draw(ints(1, 3)), extent(draw, d[0] * (k[0] - 1) + 1),
-                        extent(draw, d[1] * (k[1] - 1) + 1))
+        x = input_array(
+            draw,
+            dtype,
+            draw(ints(1, 3)),
+            extent(draw, d[0] * (k[0] - 1) + 1),
+            extent(draw, d[1] * (k[1] - 1) + 1),
+        )
         if rare(draw, 40):  # the largest kernel accepted, made valid by padding half of it
-            kwargs.update(kernel_size=2**31 - 1, padding=2**30 - 1, stride=pick(draw, [2**31 - 1, 1]))
+            kwargs.update(
+                kernel_size=2**31 - 1, padding=2**30 - 1, stride=pick(draw, [2**31 - 1, 1])
+            )
         if not name.endswith("backward"):
             if is_max:
                 kwargs["return_indices"] = bool(draw(ints(0, 1)))
@@ -405,8 +498,21 @@ def fuzz_cases(st):
         grad = gradient(draw, out, dtype, (1, 1, 2, 2))
         if is_max and draw(ints(0, 1)):
             indices = result[1] if result is not None else np.zeros((1, 1, 2, 2), np.int64)
-            change = pick(draw, ["none", "none", "none", "too large", "minus two", "float", "uint8",
-                                 "shape", "list", "minus one"])
+            change = pick(
+                draw,
+                [
+                    "none",
+                    "none",
+                    "none",
+                    "too large",
+                    "minus two",
+                    "float",
+                    "uint8",
+                    "shape",
+                    "list",
+                    "minus one",
+                ],
+            )
             if change == "too large":
                 indices = indices + 10**6
             elif change in ("minus two", "minus one"):
@@ -423,15 +529,21 @@ def fuzz_cases(st):
         return (grad, x), kwargs
 
     def sliding(draw, name, dtype):
-        kwargs = dict(kernel_size=parameter(draw, 1, 3), dilation=parameter(draw, 1, 2),
-                      padding=parameter(draw, 0, 2), stride=parameter(draw, 1, 3))
+        kwargs = dict(
+            kernel_size=parameter(draw, 1, 3),
+            dilation=parameter(draw, 1, 2),
+            padding=parameter(draw, 0, 2),
+            stride=parameter(draw, 1, 3),
+        )
         k = [small(v, 3) for v in pair(kwargs["kernel_size"])]
         d = [small(v, 1) for v in pair(kwargs["dilation"])]
         sizes = [extent(draw, d[i] * (k[i] - 1) + 1) for i in (0, 1)]
         if name == "unfold":
             return (input_array(draw, dtype, draw(ints(1, 3)), *sizes),), kwargs
         if rare(draw, 40):  # a huge image from one block
-            return (np.ones((1, 1, 1), np.float32), (10**6, 10**6)), dict(kernel_size=1, stride=10**6)
+            return (np.ones((1, 1, 1), np.float32), (10**6, 10**6)), dict(
+                kernel_size=1, stride=10**6
+            )
         output_size = tuple(sizes) if not rare(draw, 10) else parameter(draw, 0, 7)
         channels = draw(ints(1, 3))
         blocks = forward("unfold", np.zeros((1, channels, *sizes)), **kwargs)

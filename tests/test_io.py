@@ -12,8 +12,13 @@ import pytest
 from fastconv import io, models, nn, optim
 from fastconv.train import History, Trainer
 
-META = {"classes": [str(i) for i in range(10)], "input_shape": [1, 28, 28], "mean": 0.1307,
-        "std": 0.3081, "dataset": "mnist"}
+META = {
+    "classes": [str(i) for i in range(10)],
+    "input_shape": [1, 28, 28],
+    "mean": 0.1307,
+    "std": 0.3081,
+    "dataset": "mnist",
+}
 
 
 def small_model(seed=0):
@@ -124,7 +129,9 @@ def test_tampered_tensor_fails_the_checksum(saved, tmp_path):
         io.load_model(bad)
 
 
-@pytest.mark.parametrize("contents", [b"", b"not a zip at all", b"\x93NUMPY garbage", os.urandom(2000)])
+@pytest.mark.parametrize(
+    "contents", [b"", b"not a zip at all", b"\x93NUMPY garbage", os.urandom(2000)]
+)
 def test_other_bytes_are_refused(tmp_path, contents):
     bad = tmp_path / "junk.npz"
     bad.write_bytes(contents)
@@ -197,20 +204,34 @@ def test_checkpoint_is_not_a_model(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda a, h: h["architecture"]["layers"][-1]["config"].update(out_features=12),
-         r"tensor '12.weight' has shape \(10, 16\), the architecture needs \(12, 16\)"),
+        (
+            lambda a, h: h["architecture"]["layers"][-1]["config"].update(out_features=12),
+            r"tensor '12.weight' has shape \(10, 16\), the architecture needs \(12, 16\)",
+        ),
         (lambda a, h: a.pop("1.running_var"), "missing for this architecture: 1.running_var"),
         (lambda a, h: a.update(extra=np.zeros(3)), "not in this architecture: extra"),
-        (lambda a, h: a.update({"0.weight": a["0.weight"].astype(np.float64)}),
-         "tensor '0.weight' has dtype float64"),
-        (lambda a, h: h["architecture"]["layers"].insert(0, {"type": "Nope"}),
-         "invalid architecture: .*unknown layer type 'Nope'"),
+        (
+            lambda a, h: a.update({"0.weight": a["0.weight"].astype(np.float64)}),
+            "tensor '0.weight' has dtype float64",
+        ),
+        (
+            lambda a, h: h["architecture"]["layers"].insert(0, {"type": "Nope"}),
+            "invalid architecture: .*unknown layer type 'Nope'",
+        ),
         (lambda a, h: h.update(architecture="Sequential"), "'architecture' is missing or not dict"),
         (lambda a, h: h.update(format_version=99), "format version 99 is newer"),
         (lambda a, h: h["meta"].update(classes=["a", "b"]), "names 2 classes but the model has 10"),
     ],
-    ids=["shape", "missing", "extra", "dtype", "unknown-layer", "bad-architecture", "version",
-         "classes"],
+    ids=[
+        "shape",
+        "missing",
+        "extra",
+        "dtype",
+        "unknown-layer",
+        "bad-architecture",
+        "version",
+        "classes",
+    ],
 )
 def test_mismatched_file_is_refused(saved, tmp_path, change, message):
     _, path = saved
@@ -239,7 +260,9 @@ def test_failed_rename_keeps_the_previous_file(saved, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", no_space)
-    with pytest.raises(io.SaveError, match="No space left on device; the previous file there is intact"):
+    with pytest.raises(
+        io.SaveError, match="No space left on device; the previous file there is intact"
+    ):
         io.save_model(small_model(seed=5), path, META)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.npz"]  # no temporary file left behind
@@ -294,9 +317,17 @@ def test_checkpoint_round_trip(tmp_path):
     history = History()
     history.append(epoch=1, train_loss=0.5, train_acc=0.9, lr=0.01, time=1.5)
     path = tmp_path / "c.npz"
-    io.save_checkpoint(path, model=model, optimizer=opt, scheduler=scheduler,
-                       rng_states={"r": rng.bit_generator.state}, epoch=2, step=7,
-                       history=history.to_dict(), extra={"anything": [1, "two"]})
+    io.save_checkpoint(
+        path,
+        model=model,
+        optimizer=opt,
+        scheduler=scheduler,
+        rng_states={"r": rng.bit_generator.state},
+        epoch=2,
+        step=7,
+        history=history.to_dict(),
+        extra={"anything": [1, "two"]},
+    )
     ckpt = io.load_checkpoint(path)
     assert (ckpt.epoch, ckpt.step, ckpt.extra) == (2, 7, {"anything": [1, "two"]})
     assert History.from_dict(ckpt.history).rows == history.rows

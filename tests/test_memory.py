@@ -41,7 +41,9 @@ def test_conv_backward_workspace_does_not_grow_with_the_batch():
     for n in (8, 64):
         x = np.ones((n, 16, 32, 32), dtype=np.float32)
         grad = np.ones((n, 32, 32, 32), dtype=np.float32)
-        extras.append(_peak_above_output(lambda g=grad, x=x: fc.conv2d_backward(g, x, w, padding=1)))
+        extras.append(
+            _peak_above_output(lambda g=grad, x=x: fc.conv2d_backward(g, x, w, padding=1))
+        )
     # The measurement sees the workspace: at least one sample's im2col (16*9 rows x 32*32).
     one_sample_im2col = 16 * 9 * 32 * 32 * 4
     assert extras[0] >= one_sample_im2col, extras

@@ -17,6 +17,7 @@ def torch():
 
 # -- finite differences -------------------------------------------------------------------------
 
+
 def numeric_grad(f, array, eps=1e-6):
     """Central differences of the scalar f() w.r.t. every element of array (changed in place)."""
     grad = np.zeros_like(array)
@@ -65,43 +66,67 @@ def away_from_zero(shape, seed=1):
 F64 = {"dtype": np.float64}
 
 
-@pytest.mark.parametrize("kwargs", [
-    {},
-    {"stride": 2, "padding": 1},
-    {"padding": (1, 2), "dilation": (2, 1), "bias": False},
-    {"groups": 2, "stride": (1, 2)},
-    {"padding": "same"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"stride": 2, "padding": 1},
+        {"padding": (1, 2), "dilation": (2, 1), "bias": False},
+        {"groups": 2, "stride": (1, 2)},
+        {"padding": "same"},
+    ],
+)
 def test_conv2d_gradients(kwargs):
     x = np.random.default_rng(2).standard_normal((2, 4, 6, 5))
     check_gradients(lambda: nn.Conv2d(4, 4, 3, **kwargs, **F64, rng=3), x)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"kernel_size": 2},
-    {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
-    {"kernel_size": (2, 3), "stride": 1, "dilation": (1, 2)},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 2},
+        {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+        {"kernel_size": (2, 3), "stride": 1, "dilation": (1, 2)},
+    ],
+)
 def test_max_pool2d_gradients(kwargs):
     # distinct values: no ties, so the maximum is differentiable at x
     x = np.random.default_rng(4).permutation(2 * 3 * 7 * 7).reshape(2, 3, 7, 7) / 10.0
     check_gradients(lambda: nn.MaxPool2d(**kwargs), x)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"kernel_size": 2},
-    {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True, "count_include_pad": False},
-    {"kernel_size": (3, 2), "stride": (1, 2), "padding": (1, 0)},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 2},
+        {
+            "kernel_size": 3,
+            "stride": 2,
+            "padding": 1,
+            "ceil_mode": True,
+            "count_include_pad": False,
+        },
+        {"kernel_size": (3, 2), "stride": (1, 2), "padding": (1, 0)},
+    ],
+)
 def test_avg_pool2d_gradients(kwargs):
     x = np.random.default_rng(5).standard_normal((2, 3, 7, 6))
     check_gradients(lambda: nn.AvgPool2d(**kwargs), x)
 
 
-@pytest.mark.parametrize("make_layer", [
-    nn.ReLU, nn.LeakyReLU, lambda: nn.LeakyReLU(0.2), lambda: nn.LeakyReLU(1.5),
-    lambda: nn.LeakyReLU(-0.3), nn.Flatten, lambda: nn.Flatten(2, 3), lambda: nn.Flatten(0, -2),
-])
+@pytest.mark.parametrize(
+    "make_layer",
+    [
+        nn.ReLU,
+        nn.LeakyReLU,
+        lambda: nn.LeakyReLU(0.2),
+        lambda: nn.LeakyReLU(1.5),
+        lambda: nn.LeakyReLU(-0.3),
+        nn.Flatten,
+        lambda: nn.Flatten(2, 3),
+        lambda: nn.Flatten(0, -2),
+    ],
+)
 def test_elementwise_and_reshape_gradients(make_layer):
     check_gradients(make_layer, away_from_zero((2, 3, 4, 5)))
 
@@ -120,9 +145,16 @@ def test_dropout_gradients():
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("kwargs", [
-    {}, {"affine": False}, {"track_running_stats": False}, {"momentum": None}, {"bias": False},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"affine": False},
+        {"track_running_stats": False},
+        {"momentum": None},
+        {"bias": False},
+    ],
+)
 def test_batchnorm2d_gradients(training, kwargs):
     def make():
         layer = nn.BatchNorm2d(3, **kwargs, **F64)
@@ -147,10 +179,16 @@ def test_batchnorm1d_gradients(shape):
 def test_sequential_gradients():
     def make():
         return nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1, **F64, rng=1), nn.BatchNorm2d(3, **F64),
-            nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2, **F64, rng=2),
-            nn.AvgPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(4 * 2 * 2, 3, **F64, rng=3),
-            nn.ReLU(), nn.Linear(3, 2, **F64, rng=4),
+            nn.Conv2d(2, 3, 3, padding=1, **F64, rng=1),
+            nn.BatchNorm2d(3, **F64),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(2),
+            nn.Conv2d(3, 4, 2, **F64, rng=2),
+            nn.AvgPool2d(2, ceil_mode=True),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 2, 3, **F64, rng=3),
+            nn.ReLU(),
+            nn.Linear(3, 2, **F64, rng=4),
             needs_input_grad=True,
         )
 
@@ -184,13 +222,21 @@ def test_cross_entropy_is_stable_and_checks_targets():
 
 # -- module behaviour ----------------------------------------------------------------------------
 
+
 def small_model(dtype=np.float32, seed=0):
     """LeNet-like, on (N, 1, 16, 16) inputs."""
     return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1, dtype=dtype, rng=seed), nn.BatchNorm2d(6, dtype=dtype),
-        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, dtype=dtype, rng=seed + 1),
-        nn.LeakyReLU(0.1), nn.AvgPool2d(2), nn.Dropout(0.3, rng=seed), nn.Flatten(),
-        nn.Linear(8 * 3 * 3, 16, dtype=dtype, rng=seed + 2), nn.ReLU(),
+        nn.Conv2d(1, 6, 3, padding=1, dtype=dtype, rng=seed),
+        nn.BatchNorm2d(6, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, dtype=dtype, rng=seed + 1),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool2d(2),
+        nn.Dropout(0.3, rng=seed),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 16, dtype=dtype, rng=seed + 2),
+        nn.ReLU(),
         nn.Linear(16, 10, dtype=dtype, rng=seed + 3),
     )
 
@@ -310,15 +356,27 @@ def test_state_dict_keys_and_copies():
     model = small_model()
     state = model.state_dict()
     assert list(state) == [
-        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-        "1.num_batches_tracked", "4.weight", "4.bias", "9.weight", "9.bias", "11.weight", "11.bias",
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "4.weight",
+        "4.bias",
+        "9.weight",
+        "9.bias",
+        "11.weight",
+        "11.bias",
     ]
     tracked = state["1.num_batches_tracked"]
     assert tracked.dtype == np.int64 and tracked.shape == ()
     state["0.weight"][...] = 0
     assert np.any(model[0].weight.data != 0)
-    assert [name for name, _ in model.named_parameters()] == [k for k in state if "running" not in k
-                                                              and "num_batches" not in k]
+    assert [name for name, _ in model.named_parameters()] == [
+        k for k in state if "running" not in k and "num_batches" not in k
+    ]
 
 
 def test_load_state_dict_validates_before_writing():
@@ -346,16 +404,20 @@ def test_load_state_dict_validates_before_writing():
     result = model.load_state_dict(missing, strict=False)
     assert result.missing_keys == ["1.running_var"] and result.unexpected_keys == ["extra"]
     np.testing.assert_array_equal(model[0].weight.data, other[0].weight.data)
-    float64_state = {k: v.astype(np.float64) if v.dtype.kind == "f" else v
-                     for k, v in other.state_dict().items()}
+    float64_state = {
+        k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in other.state_dict().items()
+    }
     model.load_state_dict(float64_state)
     assert model[0].weight.dtype == np.float32
 
 
 def test_config_round_trip_gives_identical_outputs():
     model = nn.Sequential(
-        small_model(), nn.BatchNorm1d(10, momentum=None, affine=False),
-        nn.Linear(10, 3, bias=False, rng=1), nn.Dropout(0.1), nn.LeakyReLU(0.3),
+        small_model(),
+        nn.BatchNorm1d(10, momentum=None, affine=False),
+        nn.Linear(10, 3, bias=False, rng=1),
+        nn.Dropout(0.1),
+        nn.LeakyReLU(0.3),
     )
     model.train()
     x = np.random.default_rng(2).standard_normal((4, 1, 16, 16)).astype(np.float32)
@@ -368,13 +430,19 @@ def test_config_round_trip_gives_identical_outputs():
     np.testing.assert_array_equal(copy(x), model(x))
     assert repr(copy) == repr(model)
 
-    conv = nn.Conv2d(2, 4, (1, 3), padding="same", dilation=(1, 2), groups=2, bias=False,
-                     dtype=np.float64)
+    conv = nn.Conv2d(
+        2, 4, (1, 3), padding="same", dilation=(1, 2), groups=2, bias=False, dtype=np.float64
+    )
     rebuilt = nn.from_config(nn.to_config(conv))
     assert rebuilt.config() == conv.config() and rebuilt.weight.dtype == np.float64
-    for layer in (nn.MaxPool2d((2, 3), (1, 2), 1, 1, ceil_mode=True), nn.Flatten(1, 2),
-                  nn.AvgPool2d(3, 2, 1, True, False), nn.CrossEntropyLoss(0.1),
-                  nn.BatchNorm2d(3, 1e-3, 0.2, False, False), nn.BatchNorm2d(2, bias=False)):
+    for layer in (
+        nn.MaxPool2d((2, 3), (1, 2), 1, 1, ceil_mode=True),
+        nn.Flatten(1, 2),
+        nn.AvgPool2d(3, 2, 1, True, False),
+        nn.CrossEntropyLoss(0.1),
+        nn.BatchNorm2d(3, 1e-3, 0.2, False, False),
+        nn.BatchNorm2d(2, bias=False),
+    ):
         config = json.loads(json.dumps(nn.to_config(layer)))
         assert nn.from_config(config).config() == layer.config()
 
@@ -409,12 +477,22 @@ def test_state_dict_saves_to_npz_without_pickle():
 
 # -- parity with torch.nn ------------------------------------------------------------------------
 
+
 def torch_model(torch, dtype):
     tnn = torch.nn
     return tnn.Sequential(
-        tnn.Conv2d(1, 6, 3, padding=1), tnn.BatchNorm2d(6), tnn.ReLU(), tnn.MaxPool2d(2),
-        tnn.Conv2d(6, 8, 3), tnn.LeakyReLU(0.1), tnn.AvgPool2d(2), tnn.Dropout(0.3), tnn.Flatten(),
-        tnn.Linear(8 * 3 * 3, 16), tnn.ReLU(), tnn.Linear(16, 10),
+        tnn.Conv2d(1, 6, 3, padding=1),
+        tnn.BatchNorm2d(6),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2),
+        tnn.Conv2d(6, 8, 3),
+        tnn.LeakyReLU(0.1),
+        tnn.AvgPool2d(2),
+        tnn.Dropout(0.3),
+        tnn.Flatten(),
+        tnn.Linear(8 * 3 * 3, 16),
+        tnn.ReLU(),
+        tnn.Linear(16, 10),
     ).to(dtype)
 
 
@@ -453,7 +531,8 @@ def test_forward_backward_parity_with_torch(torch, dtype, training):
         x_torch = torch.from_numpy(x.copy()).requires_grad_()
         logits_torch = theirs(x_torch)
         loss_torch = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(
-            logits_torch, torch.from_numpy(y))
+            logits_torch, torch.from_numpy(y)
+        )
         loss_torch.backward()
         criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
         logits = ours(x)
@@ -465,11 +544,13 @@ def test_forward_backward_parity_with_torch(torch, dtype, training):
         torch_grads = {name: p.grad.numpy() for name, p in theirs.named_parameters()}
         assert [name for name, _ in ours.named_parameters()] == list(torch_grads)
         for name, param in ours.named_parameters():
-            np.testing.assert_allclose(param.grad, torch_grads[name], rtol=tol, atol=tol,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                param.grad, torch_grads[name], rtol=tol, atol=tol, err_msg=name
+            )
     for key, value in theirs.state_dict().items():  # running statistics after two train passes
-        np.testing.assert_allclose(ours.state_dict()[key], value.numpy(), rtol=tol, atol=tol,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            ours.state_dict()[key], value.numpy(), rtol=tol, atol=tol, err_msg=key
+        )
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -481,8 +562,9 @@ def test_batchnorm_running_stats_match_torch(torch, momentum):
         x = (rng.standard_normal((6, 4, 5, 3)) * (step + 1) + step).astype(np.float32)
         np.testing.assert_allclose(ours(x), theirs(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
     for key, value in theirs.state_dict().items():
-        np.testing.assert_allclose(ours.state_dict()[key], value.numpy(), rtol=1e-6, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            ours.state_dict()[key], value.numpy(), rtol=1e-6, atol=1e-6, err_msg=key
+        )
     assert ours.state_dict()["num_batches_tracked"] == 4
 
 
@@ -494,7 +576,8 @@ def test_cross_entropy_matches_torch(torch):
         for smoothing in (0.0, 0.05, 1.0):
             t_logits = torch.from_numpy(logits.copy()).requires_grad_()
             loss = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(
-                t_logits, torch.from_numpy(y))
+                t_logits, torch.from_numpy(y)
+            )
             loss.backward()
             criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
             assert criterion(logits, y) == pytest.approx(loss.item(), rel=tol, abs=tol)
@@ -507,15 +590,19 @@ def test_repr_matches_torch(torch):
     tnn = torch.nn
     pairs = [
         (nn.Conv2d(1, 32, 3, padding=1), tnn.Conv2d(1, 32, 3, padding=1)),
-        (nn.Conv2d(4, 8, (3, 5), 2, 0, 2, 4, False),
-         tnn.Conv2d(4, 8, (3, 5), 2, 0, 2, 4, False)),
+        (nn.Conv2d(4, 8, (3, 5), 2, 0, 2, 4, False), tnn.Conv2d(4, 8, (3, 5), 2, 0, 2, 4, False)),
         (nn.Conv2d(1, 2, 3, padding="same"), tnn.Conv2d(1, 2, 3, padding="same")),
         (nn.MaxPool2d(2), tnn.MaxPool2d(2)),
-        (nn.MaxPool2d((3, 2), 1, 1, 2, ceil_mode=True),
-         tnn.MaxPool2d((3, 2), 1, 1, 2, ceil_mode=True)),
-        (nn.AvgPool2d(2), tnn.AvgPool2d(2)), (nn.AvgPool2d(3, 1, 1), tnn.AvgPool2d(3, 1, 1)),
-        (nn.ReLU(), tnn.ReLU()), (nn.LeakyReLU(0.2), tnn.LeakyReLU(0.2)),
-        (nn.Flatten(), tnn.Flatten()), (nn.Linear(3, 4, False), tnn.Linear(3, 4, False)),
+        (
+            nn.MaxPool2d((3, 2), 1, 1, 2, ceil_mode=True),
+            tnn.MaxPool2d((3, 2), 1, 1, 2, ceil_mode=True),
+        ),
+        (nn.AvgPool2d(2), tnn.AvgPool2d(2)),
+        (nn.AvgPool2d(3, 1, 1), tnn.AvgPool2d(3, 1, 1)),
+        (nn.ReLU(), tnn.ReLU()),
+        (nn.LeakyReLU(0.2), tnn.LeakyReLU(0.2)),
+        (nn.Flatten(), tnn.Flatten()),
+        (nn.Linear(3, 4, False), tnn.Linear(3, 4, False)),
         (nn.BatchNorm2d(8, momentum=None), tnn.BatchNorm2d(8, momentum=None)),
         (nn.BatchNorm1d(8, affine=False), tnn.BatchNorm1d(8, affine=False)),
         (nn.BatchNorm2d(8, bias=False), tnn.BatchNorm2d(8, bias=False)),
@@ -524,14 +611,21 @@ def test_repr_matches_torch(torch):
     for ours, theirs in pairs:
         assert repr(ours) == repr(theirs)
     assert repr(small_model()).replace("Dropout(p=0.3)", "Dropout(p=0.3, inplace=False)") == repr(
-        torch_model(torch, torch.float32))
+        torch_model(torch, torch.float32)
+    )
 
 
 def test_no_grad_gives_the_same_outputs():
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1, rng=0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 3, rng=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8, 3, rng=2),
+        nn.Conv2d(1, 4, 3, padding=1, rng=0),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, rng=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8, 3, rng=2),
     )
     model.eval()
     x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
@@ -551,15 +645,25 @@ def test_fused_conv_relu_max_pool_matches_torch(dtype):
     the ReLU after the pool: values and every gradient must still be torch's."""
     torch = pytest.importorskip("torch", reason="torch not installed: fused parity not checked")
     ours = nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1, rng=0, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, rng=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2, stride=1),
-        nn.Flatten(), nn.Linear(8 * 3 * 3, 3, rng=2, dtype=dtype),
+        nn.Conv2d(2, 6, 3, padding=1, rng=0, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, rng=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 3, rng=2, dtype=dtype),
     )
     tdtype = torch.float64 if dtype == np.float64 else torch.float32
     theirs = torch.nn.Sequential(
-        torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2, stride=1),
-        torch.nn.Flatten(), torch.nn.Linear(8 * 3 * 3, 3),
+        torch.nn.Conv2d(2, 6, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2, stride=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 3 * 3, 3),
     ).to(tdtype)
     theirs.load_state_dict({k: torch.tensor(v) for k, v in ours.state_dict().items()})
     ours.needs_input_grad = True
@@ -572,6 +676,8 @@ def test_fused_conv_relu_max_pool_matches_torch(dtype):
     tout.backward(torch.tensor(grad))
     np.testing.assert_allclose(ours.backward(grad), tx.grad.numpy(), rtol=tol * 10, atol=tol * 10)
     for (name, p), (_, tp) in zip(ours.named_parameters(), theirs.named_parameters()):
-        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=tol * 10, atol=tol * 10, err_msg=name)
+        np.testing.assert_allclose(
+            p.grad, tp.grad.numpy(), rtol=tol * 10, atol=tol * 10, err_msg=name
+        )
     with nn.no_grad():  # the values-only fused path
         np.testing.assert_array_equal(ours(x), out)

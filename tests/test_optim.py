@@ -138,8 +138,12 @@ def test_float32_stays_float32():
         optimizer = optimizer_class(params, lr=0.1, weight_decay=0.1)
         run(optimizer, params, gradients(np.float32, 2))
         assert all(p.data.dtype == np.float32 for p in params)
-        assert all(v.dtype == np.float32 for s in optimizer.state.values() for v in s.values()
-                   if isinstance(v, np.ndarray))
+        assert all(
+            v.dtype == np.float32
+            for s in optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, np.ndarray)
+        )
 
 
 SCHEDULERS = [
@@ -156,8 +160,9 @@ def test_scheduler_sequence_matches_torch(torch, name, kwargs):
     optimizer = optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.3}], lr=0.1)
     ours = getattr(optim, name)(optimizer, **kwargs)
     tensors = [torch.zeros(1, requires_grad=True) for _ in range(2)]
-    torch_optimizer = torch.optim.SGD([{"params": tensors[:1]}, {"params": tensors[1:], "lr": 0.3}],
-                                      lr=0.1)
+    torch_optimizer = torch.optim.SGD(
+        [{"params": tensors[:1]}, {"params": tensors[1:], "lr": 0.3}], lr=0.1
+    )
     theirs = getattr(torch.optim.lr_scheduler, name)(torch_optimizer, **kwargs)
     assert ours.get_last_lr() == theirs.get_last_lr()
     for _ in range(24):  # past T_max: the cosine continues periodically
@@ -177,8 +182,12 @@ def test_scheduler_state_dict_resumes(name, kwargs):
     for _ in range(4):
         scheduler.step()
     buffer = io.BytesIO()
-    np.savez(buffer, optimizer=0, **{f"sched.{k}": v for k, v in scheduler.state_dict().items()},
-             **{f"opt.{k}": v for k, v in optimizer.state_dict().items()})
+    np.savez(
+        buffer,
+        optimizer=0,
+        **{f"sched.{k}": v for k, v in scheduler.state_dict().items()},
+        **{f"opt.{k}": v for k, v in optimizer.state_dict().items()},
+    )
     buffer.seek(0)
     optimizer2, scheduler2 = make()
     with np.load(buffer, allow_pickle=False) as data:

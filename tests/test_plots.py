@@ -60,9 +60,15 @@ def digits():
 def history(validation=True):
     h = train.History()
     for epoch in range(1, 6):
-        h.append(epoch=epoch, train_loss=1 / epoch, train_acc=1 - 0.1 / epoch,
-                 val_loss=1.1 / epoch if validation else None,
-                 val_acc=1 - 0.12 / epoch if validation else None, lr=0.01, time=1.0)
+        h.append(
+            epoch=epoch,
+            train_loss=1 / epoch,
+            train_acc=1 - 0.1 / epoch,
+            val_loss=1.1 / epoch if validation else None,
+            val_acc=1 - 0.12 / epoch if validation else None,
+            lr=0.01,
+            time=1.0,
+        )
     return h
 
 
@@ -132,8 +138,9 @@ def test_report_rejects_bad_input(probabilities, labels):
 def test_evaluation_report_draws_what_evaluate_computes(model, digits, tmp_path):
     net, meta = model
     pixels, x, y = digits
-    report = plots.plot_evaluation(net, x, y, tmp_path / "report.png", images=pixels,
-                                   classes=meta["classes"])
+    report = plots.plot_evaluation(
+        net, x, y, tmp_path / "report.png", images=pixels, classes=meta["classes"]
+    )
     expected = train.evaluate(net, x, y)
     np.testing.assert_array_equal(report.confusion, expected.confusion)
     np.testing.assert_array_equal(report.per_class_accuracy, expected.per_class_accuracy)
@@ -182,8 +189,11 @@ def test_feature_maps_need_a_conv_layer(tmp_path):
     from fastconv import nn
 
     with pytest.raises(ValueError, match="no Conv2d"):
-        plots.plot_feature_maps(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)),
-                                np.zeros((1, 2, 2), np.float32), tmp_path / "x.png")
+        plots.plot_feature_maps(
+            nn.Sequential(nn.Flatten(), nn.Linear(4, 2)),
+            np.zeros((1, 2, 2), np.float32),
+            tmp_path / "x.png",
+        )
     with pytest.raises(ValueError, match="no Conv2d"):
         plots.plot_filters(nn.Sequential(nn.Flatten()), tmp_path / "x.png")
 
@@ -193,10 +203,18 @@ def test_feature_maps_need_a_conv_layer(tmp_path):
 
 def test_benchmark_bars(tmp_path):
     rows = [
-        {"operation": "conv2d", "shape": (64, 32, 28, 28), "speedup_vs_reference": 35.0,
-         "speedup_vs_torch": 0.8},
-        {"operation": "max_pool2d", "shape": "64x32x28x28", "speedup_vs_reference": 120.0,
-         "speedup_vs_torch": None},
+        {
+            "operation": "conv2d",
+            "shape": (64, 32, 28, 28),
+            "speedup_vs_reference": 35.0,
+            "speedup_vs_torch": 0.8,
+        },
+        {
+            "operation": "max_pool2d",
+            "shape": "64x32x28x28",
+            "speedup_vs_reference": 120.0,
+            "speedup_vs_torch": None,
+        },
         {"operation": "conv2d backward", "speedup_vs_torch": 1.4},
     ]
     rgb = check_png(plots.plot_benchmark(rows, tmp_path / "bench.png"))
@@ -231,8 +249,18 @@ def test_without_matplotlib_the_error_says_how_to_install(monkeypatch, tmp_path)
 
 def test_cli_evaluate_plot(model_file, tmp_path):
     out = tmp_path / "report"
-    result = fastconv_command("evaluate", str(model_file), "--data-dir", str(need_mnist()),
-                              "--no-download", "--limit", "1000", "--json", "--plot", str(out))
+    result = fastconv_command(
+        "evaluate",
+        str(model_file),
+        "--data-dir",
+        str(need_mnist()),
+        "--no-download",
+        "--limit",
+        "1000",
+        "--json",
+        "--plot",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
     pngs = sorted(out.glob("*.png"))
@@ -260,9 +288,23 @@ def test_cli_show(model_file, digits, tmp_path):
 
 def test_cli_train_plot(tmp_path):
     out = tmp_path / "model.npz"
-    result = fastconv_command("train", "--data-dir", str(need_mnist()), "--no-download",
-                              "--quiet", "--out", str(out), "--limit", "600", "--val-size", "200",
-                              "--epochs", "2", "--no-test", "--plot")
+    result = fastconv_command(
+        "train",
+        "--data-dir",
+        str(need_mnist()),
+        "--no-download",
+        "--quiet",
+        "--out",
+        str(out),
+        "--limit",
+        "600",
+        "--val-size",
+        "200",
+        "--epochs",
+        "2",
+        "--no-test",
+        "--plot",
+    )
     assert result.returncode == 0, result.stderr
     rgb = check_png(tmp_path / "curves.png")
     assert has_colour(rgb, TRAIN_BLUE) and has_colour(rgb, VAL_RED)

@@ -4,12 +4,12 @@ import io
 
 import numpy as np
 import pytest
+from conftest import DATA_ROOT
 from PIL import Image, ImageDraw, ImageOps
 
 from fastconv import datasets
 from fastconv.datasets import MNIST_MEAN, MNIST_STD
 from fastconv.preprocess import load_images, to_mnist_input
-from conftest import DATA_ROOT
 
 BACKGROUND = (0 - MNIST_MEAN) / MNIST_STD  # the normalised value of a black pixel
 

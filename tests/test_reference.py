@@ -71,9 +71,15 @@ def _pool_windows(x, kernel_size, stride, padding, dilation, ceil_mode):
     h, w = x.shape[2:]
 
     def window(oh, ow):
-        return [(oh * sh - ph + i * dh, ow * sw - pw + j * dw) for i in range(kh) for j in range(kw)]
+        return [
+            (oh * sh - ph + i * dh, ow * sw - pw + j * dw) for i in range(kh) for j in range(kw)
+        ]
 
-    return _pool_size(h, kh, sh, ph, dh, ceil_mode), _pool_size(w, kw, sw, pw, dw, ceil_mode), window
+    return (
+        _pool_size(h, kh, sh, ph, dh, ceil_mode),
+        _pool_size(w, kw, sw, pw, dw, ceil_mode),
+        window,
+    )
 
 
 def naive_max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
@@ -99,7 +105,9 @@ def naive_max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mo
     return out, indices
 
 
-def naive_avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+def naive_avg_pool2d(
+    x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True
+):
     """Sum of the window's input elements over the number of its elements inside the padded
     input (count_include_pad) or inside the input itself."""
     x, unbatched = _batched(np.asarray(x))
@@ -131,7 +139,9 @@ def naive_unfold(x, kernel_size, dilation=1, padding=0, stride=1):
                         for ow in range(out_w):
                             row, col = oh * sh - ph + i * dh, ow * sw - pw + j * dw
                             if 0 <= row < h and 0 <= col < w:
-                                cols[b, (ch * kh + i) * kw + j, oh * out_w + ow] = x[b, ch, row, col]
+                                cols[b, (ch * kh + i) * kw + j, oh * out_w + ow] = x[
+                                    b, ch, row, col
+                                ]
     return cols[0] if unbatched else cols
 
 
@@ -140,7 +150,8 @@ def naive_fold(cols, output_size, kernel_size, dilation=1, padding=0, stride=1):
     unbatched = cols.ndim == 2
     cols = cols[None] if unbatched else cols
     (h, w), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(
-        _pair, (output_size, kernel_size, dilation, padding, stride))
+        _pair, (output_size, kernel_size, dilation, padding, stride)
+    )
     n, rows, _ = cols.shape
     out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     out = np.zeros((n, rows // (kh * kw), h, w), dtype=cols.dtype)
@@ -157,21 +168,25 @@ def naive_fold(cols, output_size, kernel_size, dilation=1, padding=0, stride=1):
 
 # --- forward against the naive loops --------------------------------------------------------
 
+
 @settings(max_examples=60)
 @given(conv_cases(max_batch=2))
 def test_conv2d_matches_naive_loops(case):
     assert_close(ref.conv2d(*case.args, **case.kwargs), naive_conv2d(*case.args, **case.kwargs))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(stride=2, padding=1),
-    dict(stride=(1, 3), padding=(2, 0), dilation=(2, 1)),
-    dict(padding="same", dilation=2),          # even kernel: padding 1 top/left, 2 bottom/right
-    dict(padding="same", dilation=(1, 3)),
-    dict(padding="valid", stride=(2, 1)),
-    dict(groups=2, padding=1),
-    dict(groups=4, stride=2),                  # depthwise: one input channel per group
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(stride=2, padding=1),
+        dict(stride=(1, 3), padding=(2, 0), dilation=(2, 1)),
+        dict(padding="same", dilation=2),  # even kernel: padding 1 top/left, 2 bottom/right
+        dict(padding="same", dilation=(1, 3)),
+        dict(padding="valid", stride=(2, 1)),
+        dict(groups=2, padding=1),
+        dict(groups=4, stride=2),  # depthwise: one input channel per group
+    ],
+)
 def test_conv2d_named_cases_match_naive_loops(kwargs):
     x = random_array(0, (2, 4, 7, 6), np.float64)
     groups = kwargs.get("groups", 1)
@@ -210,7 +225,9 @@ def test_max_pool2d_all_minus_inf_window_points_at_its_first_input_element():
     out, indices = ref.max_pool2d(x, 2, stride=1, padding=1, return_indices=True)
     assert (out == -np.inf).all()
     # output (4, 4); window (oh, ow) covers rows oh-1, oh and columns ow-1, ow
-    np.testing.assert_array_equal(indices[0, 0], [[0, 0, 1, 2], [0, 0, 1, 2], [3, 3, 4, 5], [6, 6, 7, 8]])
+    np.testing.assert_array_equal(
+        indices[0, 0], [[0, 0, 1, 2], [0, 0, 1, 2], [3, 3, 4, 5], [6, 6, 7, 8]]
+    )
 
 
 def test_max_pool2d_window_without_input_elements():
@@ -229,14 +246,18 @@ def test_max_pool2d_window_without_input_elements():
 @settings(max_examples=60)
 @given(pool_cases("avg", max_batch=2))
 def test_avg_pool2d_matches_naive_loops(case):
-    assert_close(ref.avg_pool2d(*case.args, **case.kwargs), naive_avg_pool2d(*case.args, **case.kwargs))
+    assert_close(
+        ref.avg_pool2d(*case.args, **case.kwargs), naive_avg_pool2d(*case.args, **case.kwargs)
+    )
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])
 def test_avg_pool2d_ceil_mode_divisor(count_include_pad):
     """5 wide, kernel 2, stride 2, padding 1, ceil: the last window hangs past the padding."""
     x = random_array(3, (1, 2, 5, 5), np.float64)
-    kwargs = dict(kernel_size=2, stride=2, padding=1, ceil_mode=True, count_include_pad=count_include_pad)
+    kwargs = dict(
+        kernel_size=2, stride=2, padding=1, ceil_mode=True, count_include_pad=count_include_pad
+    )
     out = ref.avg_pool2d(x, **kwargs)
     assert out.shape == (1, 2, 3, 3)
     assert_close(out, naive_avg_pool2d(x, **kwargs))
@@ -268,6 +289,7 @@ def test_naive_loops_agree_with_hand_computed_values():
 
 
 # --- backward against central finite differences (float64) ----------------------------------
+
 
 def numeric_gradient(f, array, eps=1e-6):
     """d f / d array by central differences; f returns a scalar, array is perturbed in place."""
@@ -311,12 +333,15 @@ def test_conv2d_backward_matches_finite_differences(kwargs):
     assert_close(grad_b, numeric_gradient(loss, bias), rtol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(kernel_size=2),
-    dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
-    dict(kernel_size=(3, 2), stride=1, padding=(1, 0), count_include_pad=False),
-    dict(kernel_size=2, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        dict(kernel_size=(3, 2), stride=1, padding=(1, 0), count_include_pad=False),
+        dict(kernel_size=2, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+    ],
+)
 def test_avg_pool2d_backward_matches_finite_differences(kwargs):
     x = random_array(0, (2, 2, 5, 5), np.float64)
     grad_out = random_array(1, ref.avg_pool2d(x, **kwargs).shape, np.float64)
@@ -325,11 +350,14 @@ def test_avg_pool2d_backward_matches_finite_differences(kwargs):
     assert_close(grad, numeric, rtol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(kernel_size=2),
-    dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
-    dict(kernel_size=(2, 3), stride=1, dilation=(2, 1)),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        dict(kernel_size=(2, 3), stride=1, dilation=(2, 1)),
+    ],
+)
 def test_max_pool2d_backward_matches_finite_differences(kwargs):
     # distinct values 0.01 apart: a 1e-6 step never changes which element is the maximum
     x = np.random.default_rng(0).permutation(2 * 2 * 6 * 6).reshape(2, 2, 6, 6) * 0.01

@@ -148,15 +148,18 @@ def test_an_onnx_export_gives_the_same_answers(model_file, digit_files, tmp_path
 
     model, meta = io.load_model(model_file)
     onnx.save(model, tmp_path / "model.onnx", input_shape=(1, 28, 28), meta=meta)
-    with TestClient(serve.create_app(model_file)) as npz, \
-            TestClient(serve.create_app(tmp_path / "model.onnx")) as exported:
+    with (
+        TestClient(serve.create_app(model_file)) as npz,
+        TestClient(serve.create_app(tmp_path / "model.onnx")) as exported,
+    ):
         assert exported.get("/api/model").json()["classes"] == meta["classes"]
         for path, _ in digit_files[::3]:
             body, kind = path.read_bytes(), TYPES[path.suffix]
             expected, answer = post(npz, body, kind).json(), post(exported, body, kind).json()
             assert answer["class"] == expected["class"]
-            np.testing.assert_allclose(answer["probabilities"], expected["probabilities"],
-                                       rtol=0, atol=1e-5)
+            np.testing.assert_allclose(
+                answer["probabilities"], expected["probabilities"], rtol=0, atol=1e-5
+            )
 
 
 # -- bad requests ----------------------------------------------------------------------------------
@@ -184,8 +187,12 @@ BAD_REQUESTS = {
     "form upload": (lambda png: png, "multipart/form-data; boundary=x", 415, "Content-Type"),
     "too large": (b"\x89PNG" + bytes(serve.MAX_BODY), "image/png", 413, "too large"),
     "decompression bomb": (lambda png: _bomb(20_000, 20_000), "image/png", 400, "decompression"),
-    "bomb below twice the limit": (lambda png: _bomb(10_000, 10_000), "image/png", 400,
-                                   "decompression"),
+    "bomb below twice the limit": (
+        lambda png: _bomb(10_000, 10_000),
+        "image/png",
+        400,
+        "decompression",
+    ),
 }
 
 
@@ -258,8 +265,12 @@ def server(model_file):
 
 def http(address, method, path, body=None, content_type="image/png", timeout=30):
     host, port = address
-    request = urllib.request.Request(f"http://{host}:{port}{path}", data=body, method=method,
-                                     headers={"Content-Type": content_type} if body else {})
+    request = urllib.request.Request(
+        f"http://{host}:{port}{path}",
+        data=body,
+        method=method,
+        headers={"Content-Type": content_type} if body else {},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -280,8 +291,10 @@ def _status_line(sock, timeout):
 
 def test_declared_length_over_the_limit_is_refused_before_the_body(server, digit_files):
     with socket.create_connection(server, timeout=10) as sock:
-        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: 1000000000\r\n\r\n" + bytes(1000))
+        sock.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000000000\r\n\r\n" + bytes(1000)
+        )
         # a gigabyte announced, a kilobyte sent: the answer comes without waiting for the rest
         assert " 413 " in _status_line(sock, timeout=10)
     assert http(server, "GET", "/api/model")[0] == 200
@@ -291,8 +304,10 @@ def test_streamed_body_over_the_limit_is_cut_off(server, digit_files):
     chunk = bytes(64 * 1024)
     sent, answered = 0, False
     with socket.create_connection(server, timeout=10) as sock:
-        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         try:
             while sent < 20 * serve.MAX_BODY:
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -323,8 +338,9 @@ def test_concurrent_requests_get_the_same_answers(server, digit_files):
     for k, (status, answer) in enumerate(together):
         expected = alone[k % len(files)]
         assert status == 200 and answer["class"] == expected["class"]
-        np.testing.assert_allclose(answer["probabilities"], expected["probabilities"],
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            answer["probabilities"], expected["probabilities"], rtol=0, atol=1e-6
+        )
 
 
 class BlockedModel:
@@ -375,7 +391,9 @@ def serve_command(*args):
 
     process = subprocess.Popen(
         [sys.executable, "-m", "fastconv", "serve", *map(str, args), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         line = process.stdout.readline()  # printed once the socket is bound; "" if it exits

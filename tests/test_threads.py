@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import fastconv as fc
-from fastconv import _blas, functional
+from fastconv import _blas
 
 
 @pytest.fixture
@@ -39,7 +39,10 @@ def test_bad_thread_counts_are_refused(bad):
 def test_environment_variable(tmp_path):
     code = "import fastconv as fc; print(fc.get_num_threads())"
     run = lambda value: subprocess.run(  # noqa: E731
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={"FASTCONV_NUM_THREADS": value, "PATH": ""},
     )
     assert run("1").stdout.strip() == "1"

@@ -8,7 +8,12 @@ import re
 import numpy as np
 import pytest
 from conftest import (
-    assert_close, conv_cases, fold_cases, pool_cases, random_array, unfold_cases,
+    assert_close,
+    conv_cases,
+    fold_cases,
+    pool_cases,
+    random_array,
+    unfold_cases,
 )
 from hypothesis import given, settings
 
@@ -39,6 +44,7 @@ def close(actual, expected_tensor, what=""):
 
 
 # --- forward and backward on random cases ----------------------------------------------------
+
 
 @settings(max_examples=EXAMPLES)
 @given(conv_cases(bias=True))
@@ -107,14 +113,18 @@ def test_fold_and_its_gradient_unfold(case):
 
 # --- named cases -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("kwargs", [
-    dict(padding="same"),
-    dict(padding="same", dilation=2),
-    dict(padding="same", dilation=(3, 1)),
-    dict(padding="valid", stride=2),
-    dict(padding=(2, 1), stride=(1, 3), dilation=(2, 2)),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(padding="same"),
+        dict(padding="same", dilation=2),
+        dict(padding="same", dilation=(3, 1)),
+        dict(padding="valid", stride=2),
+        dict(padding=(2, 1), stride=(1, 3), dilation=(2, 2)),
+    ],
+)
 def test_conv2d_same_padding_with_even_kernels(kwargs, dtype):
     x, weight = random_array(0, (2, 3, 9, 8), dtype), random_array(1, (4, 3, 4, 2), dtype)
     tx, tw = tensor(x, True), tensor(weight, True)
@@ -133,7 +143,9 @@ def test_depthwise_and_unbatched_conv2d(dtype):
     out = F.conv2d(tx, tw, padding=1, groups=6)
     close(fc.conv2d(x, weight, padding=1, groups=6), out)
     out.backward(torch.ones_like(out))
-    grad_x, grad_w, _ = fc.conv2d_backward(np.ones(out.shape, dtype), x, weight, padding=1, groups=6)
+    grad_x, grad_w, _ = fc.conv2d_backward(
+        np.ones(out.shape, dtype), x, weight, padding=1, groups=6
+    )
     close(grad_x, tx.grad)
     close(grad_w, tw.grad)
 
@@ -142,7 +154,7 @@ def test_depthwise_and_unbatched_conv2d(dtype):
 def test_max_pool2d_nan_and_inf(dtype):
     x = random_array(0, (2, 2, 6, 6), dtype)
     x[0, 0, 1, 1] = x[0, 0, 2, 2] = np.nan  # two NaNs in one window: the last one's index
-    x[0, 1, :3, :3] = -np.inf                # a window of -inf only
+    x[0, 1, :3, :3] = -np.inf  # a window of -inf only
     x[1, 0, 4, 4] = np.inf
     tx = tensor(x, True)
     out, indices = F.max_pool2d(tx, 3, stride=1, padding=1, return_indices=True)
@@ -165,7 +177,10 @@ def test_max_pool2d_window_without_input_elements_is_minus_inf():
 
 def test_float32_conv_error_on_a_long_reduction_is_within_torchs():
     """C_in * kH * kW = 512 * 3 * 3 = 4608 products per output, against float64 truth."""
-    x, weight = random_array(0, (2, 512, 8, 8), np.float32), random_array(1, (16, 512, 3, 3), np.float32)
+    x, weight = (
+        random_array(0, (2, 512, 8, 8), np.float32),
+        random_array(1, (16, 512, 3, 3), np.float32),
+    )
     truth = ref.conv2d(x.astype(np.float64), weight.astype(np.float64), padding=1)
     ours = np.abs(fc.conv2d(x, weight, padding=1) - truth).max()
     theirs = np.abs(numpy(F.conv2d(tensor(x), tensor(weight), padding=1)) - truth).max()
@@ -174,12 +189,17 @@ def test_float32_conv_error_on_a_long_reduction_is_within_torchs():
 
 # --- the same refusals, the same acceptances ----------------------------------------------------
 
+
 def _x(*shape, dtype=np.float64):
     return random_array(0, shape, dtype)
 
 
 INVALID = {
-    "'same' with stride 2": ("conv2d", (_x(1, 2, 6, 6), _x(3, 2, 3, 3)), dict(padding="same", stride=2)),
+    "'same' with stride 2": (
+        "conv2d",
+        (_x(1, 2, 6, 6), _x(3, 2, 3, 3)),
+        dict(padding="same", stride=2),
+    ),
     "unknown padding string": ("conv2d", (_x(1, 2, 6, 6), _x(3, 2, 3, 3)), dict(padding="full")),
     "conv kernel > padded input": ("conv2d", (_x(1, 2, 3, 3), _x(3, 2, 6, 6)), dict(padding=1)),
     "conv dilated kernel > input": ("conv2d", (_x(1, 2, 5, 5), _x(3, 2, 3, 3)), dict(dilation=3)),
@@ -189,13 +209,25 @@ INVALID = {
     "conv stride 0": ("conv2d", (_x(1, 2, 6, 6), _x(3, 2, 3, 3)), dict(stride=0)),
     "conv dilation 0": ("conv2d", (_x(1, 2, 6, 6), _x(3, 2, 3, 3)), dict(dilation=0)),
     "conv 2-D input": ("conv2d", (_x(6, 6), _x(3, 2, 3, 3)), {}),
-    "conv float32 weight, float64 input": ("conv2d", (_x(1, 2, 6, 6), _x(3, 2, 3, 3, dtype=np.float32)), {}),
+    "conv float32 weight, float64 input": (
+        "conv2d",
+        (_x(1, 2, 6, 6), _x(3, 2, 3, 3, dtype=np.float32)),
+        {},
+    ),
     "max pool padding > kernel/2": ("max_pool2d", (_x(1, 2, 6, 6), 3), dict(padding=2)),
     "avg pool padding > kernel/2": ("avg_pool2d", (_x(1, 2, 6, 6), (2, 4)), dict(padding=(1, 3))),
     "max pool kernel > input": ("max_pool2d", (_x(1, 2, 2, 2), 3), {}),
     "avg pool kernel > input": ("avg_pool2d", (_x(1, 2, 2, 6), 3), {}),
-    "max pool too small with ceil_mode": ("max_pool2d", (_x(1, 1, 1, 1), 3), dict(stride=1, ceil_mode=True)),
-    "avg pool too small with ceil_mode": ("avg_pool2d", (_x(1, 1, 2, 2), 4), dict(stride=2, ceil_mode=True)),
+    "max pool too small with ceil_mode": (
+        "max_pool2d",
+        (_x(1, 1, 1, 1), 3),
+        dict(stride=1, ceil_mode=True),
+    ),
+    "avg pool too small with ceil_mode": (
+        "avg_pool2d",
+        (_x(1, 1, 2, 2), 4),
+        dict(stride=2, ceil_mode=True),
+    ),
     "max pool dilated window > input": ("max_pool2d", (_x(1, 1, 4, 4), 2), dict(dilation=4)),
     "max pool stride 0": ("max_pool2d", (_x(1, 2, 6, 6), 2), dict(stride=0)),
     "max pool kernel 0": ("max_pool2d", (_x(1, 2, 6, 6), 0), {}),
@@ -259,17 +291,30 @@ def test_torch_and_fastconv_refuse_the_same_configurations(case):
     kind = MESSAGE_KIND[case]
     for who, info in (("torch", theirs), ("fastconv", ours)):
         assert re.search(kind, str(info.value), re.IGNORECASE | re.DOTALL), (
-            f"{who}'s message does not match {kind!r}: {info.value}")
+            f"{who}'s message does not match {kind!r}: {info.value}"
+        )
 
 
 VALID = {
     "conv kernel = padded input": ("conv2d", (_x(1, 2, 3, 3), _x(3, 2, 5, 5)), dict(padding=1)),
-    "conv 'same', even dilated kernel": ("conv2d", (_x(1, 2, 5, 6), _x(3, 2, 2, 4)), dict(padding="same", dilation=3)),
+    "conv 'same', even dilated kernel": (
+        "conv2d",
+        (_x(1, 2, 5, 6), _x(3, 2, 2, 4)),
+        dict(padding="same", dilation=3),
+    ),
     "conv empty batch": ("conv2d", (_x(0, 2, 5, 6), _x(3, 2, 2, 2)), {}),
     "max pool padding = kernel/2": ("max_pool2d", (_x(1, 2, 5, 5), 4), dict(padding=2)),
     "avg pool padding = kernel/2": ("avg_pool2d", (_x(1, 2, 5, 5), (2, 4)), dict(padding=(1, 2))),
-    "max pool ceil drops a last window in the padding": ("max_pool2d", (_x(1, 1, 5, 5), 2), dict(stride=2, padding=1, ceil_mode=True)),
-    "avg pool ceil drops a last window in the padding": ("avg_pool2d", (_x(1, 1, 5, 5), 2), dict(stride=2, padding=1, ceil_mode=True)),
+    "max pool ceil drops a last window in the padding": (
+        "max_pool2d",
+        (_x(1, 1, 5, 5), 2),
+        dict(stride=2, padding=1, ceil_mode=True),
+    ),
+    "avg pool ceil drops a last window in the padding": (
+        "avg_pool2d",
+        (_x(1, 1, 5, 5), 2),
+        dict(stride=2, padding=1, ceil_mode=True),
+    ),
     "max pool ceil on a 1x1 input": ("max_pool2d", (_x(1, 1, 1, 1), 2), dict(ceil_mode=True)),
     "max pool empty batch": ("max_pool2d", (_x(0, 2, 4, 4), 2), {}),
     "avg pool empty batch": ("avg_pool2d", (_x(0, 2, 4, 4), 2), {}),

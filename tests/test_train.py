@@ -45,7 +45,9 @@ def toy_data(n=96, seed=0):
 
 
 def toy_model(seed=0):
-    return models.digit_cnn(num_classes=4, input_size=8, width=8, hidden=16, dropout=0.25, seed=seed)
+    return models.digit_cnn(
+        num_classes=4, input_size=8, width=8, hidden=16, dropout=0.25, seed=seed
+    )
 
 
 def toy_trainer(tmp_path=None, seed=0, **options):
@@ -53,8 +55,14 @@ def toy_trainer(tmp_path=None, seed=0, **options):
     opt = optim.AdamW(model.parameters(), lr=1e-2)
     sched = optim.CosineAnnealingLR(opt, T_max=40)
     checkpoint = tmp_path / "run.ckpt.npz" if tmp_path is not None else None
-    options = {"batch_size": 16, "seed": seed, "augment": lambda x, rng: random_shift(x, rng, 1),
-               "checkpoint": checkpoint, "progress": False, **options}
+    options = {
+        "batch_size": 16,
+        "seed": seed,
+        "augment": lambda x, rng: random_shift(x, rng, 1),
+        "checkpoint": checkpoint,
+        "progress": False,
+        **options,
+    }
     return Trainer(model, opt, scheduler=sched, **options)
 
 
@@ -74,7 +82,9 @@ def assert_same_weights(a, b):
 
 def test_history_round_trips_through_json():
     history = History()
-    history.append(epoch=1, train_loss=0.5, train_acc=0.8, val_loss=0.4, val_acc=0.85, lr=0.1, time=2.0)
+    history.append(
+        epoch=1, train_loss=0.5, train_acc=0.8, val_loss=0.4, val_acc=0.85, lr=0.1, time=2.0
+    )
     history.append(epoch=2, train_loss=0.3, train_acc=0.9, lr=0.05, time=2.1)
     data = json.loads(json.dumps(history.to_dict()))
     again = History.from_dict(data)
@@ -163,7 +173,9 @@ def test_bad_generator_state_restores_nothing(tmp_path):
         arrays = {key: npz[key] for key in npz.files}
     header = json.loads(arrays.pop(io.HEADER_KEY).tobytes())
     header["rng_states"]["11.rng"] = {"bit_generator": "NoSuchGenerator", "state": {}}
-    np.savez(path, **{io.HEADER_KEY: np.frombuffer(json.dumps(header).encode(), np.uint8)}, **arrays)
+    np.savez(
+        path, **{io.HEADER_KEY: np.frombuffer(json.dumps(header).encode(), np.uint8)}, **arrays
+    )
 
     fresh = toy_trainer(seed=0)
     before = fresh.model.state_dict(), fresh.model[11].rng.bit_generator.state
@@ -215,7 +227,9 @@ def test_failed_checkpoint_warns_keeps_the_old_one_and_continues(tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", disk_full)
-    with pytest.warns(CheckpointWarning, match="No space left on device; the previous file there is intact"):
+    with pytest.warns(
+        CheckpointWarning, match="No space left on device; the previous file there is intact"
+    ):
         history = trainer.fit(x, y, epochs=2)
     assert len(history) == 2  # training went on
     assert path.read_bytes() == before
@@ -226,7 +240,9 @@ def test_early_stopping(tmp_path):
     x, y = toy_data()
     trainer = toy_trainer(tmp_path)
     # min_delta larger than any possible improvement: every epoch after the first is "bad".
-    history = trainer.fit(x, y, epochs=10, validation=toy_data(32, seed=1), patience=2, min_delta=100)
+    history = trainer.fit(
+        x, y, epochs=10, validation=toy_data(32, seed=1), patience=2, min_delta=100
+    )
     assert len(history) == 3 and trainer.stopped_early
     resumed = toy_trainer(tmp_path)
     resumed.resume(tmp_path / "run.ckpt.npz")
@@ -266,7 +282,9 @@ def test_evaluate_counts_and_confusion():
     assert result.accuracy == 0.75
     assert result.confusion.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
     assert result.per_class_accuracy.tolist() == [1.0, 1.0, 0.5]
-    expected_loss = -np.mean([np.log(np.exp(5) / (np.exp(5) + 2))] * 3 + [np.log(1 / (np.exp(5) + 2))])
+    expected_loss = -np.mean(
+        [np.log(np.exp(5) / (np.exp(5) + 2))] * 3 + [np.log(1 / (np.exp(5) + 2))]
+    )
     assert result.loss == pytest.approx(expected_loss)
     probabilities = predict_proba(model, x)
     assert probabilities.shape == (4, 3) and np.allclose(probabilities.sum(axis=1), 1)

@@ -37,8 +37,12 @@ def restore_algorithm():
 def calls(monkeypatch):
     """Counts of the compiled convolution entry points called during the test."""
     counts = {}
-    for name in ("winograd_conv2d_forward", "winograd_conv2d_weight_grad", "conv2d_forward",
-                 "conv2d_backward"):
+    for name in (
+        "winograd_conv2d_forward",
+        "winograd_conv2d_weight_grad",
+        "conv2d_forward",
+        "conv2d_backward",
+    ):
         original = getattr(_conv, name)
 
         def spy(*args, _original=original, _name=name):
@@ -56,18 +60,21 @@ def relative_error(actual, expected, magnitude=None):
     return float(np.abs(actual.astype(np.float64) - expected).max()) / scale
 
 
-conv_cases = st.fixed_dictionaries({
-    "n": st.integers(1, 3),
-    "c_in": st.integers(1, 20),
-    "c_out": st.integers(1, 20),
-    "h": st.integers(1, 13),
-    "w": st.integers(1, 13),
-    "padding": st.one_of(st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 3)),
-                         st.just("same")),
-    "bias": st.booleans(),
-    "unbatched": st.booleans(),
-    "seed": st.integers(0, 2**31 - 1),
-})
+conv_cases = st.fixed_dictionaries(
+    {
+        "n": st.integers(1, 3),
+        "c_in": st.integers(1, 20),
+        "c_out": st.integers(1, 20),
+        "h": st.integers(1, 13),
+        "w": st.integers(1, 13),
+        "padding": st.one_of(
+            st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 3)), st.just("same")
+        ),
+        "bias": st.booleans(),
+        "unbatched": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
 
 
 def _padding_pair(padding):
@@ -110,10 +117,12 @@ def test_winograd_forward_and_gradients_match_the_float64_reference(case):
     b64 = None if b is None else b.astype(np.float64)
     expected = reference.conv2d(x64, w64, b64, padding=case["padding"])
     egx, egw, egb = reference.conv2d_backward(gy64, x64, w64, padding=case["padding"])
-    size = reference.conv2d(np.abs(x64), np.abs(w64), None if b64 is None else np.abs(b64),
-                            padding=case["padding"])
-    sgx, sgw, sgb = reference.conv2d_backward(np.abs(gy64), np.abs(x64), np.abs(w64),
-                                              padding=case["padding"])
+    size = reference.conv2d(
+        np.abs(x64), np.abs(w64), None if b64 is None else np.abs(b64), padding=case["padding"]
+    )
+    sgx, sgw, sgb = reference.conv2d_backward(
+        np.abs(gy64), np.abs(x64), np.abs(w64), padding=case["padding"]
+    )
     assert y.dtype == gx.dtype == gw.dtype == np.float32
     assert y.shape == expected.shape and gx.shape == x.shape and gw.shape == w.shape
     assert relative_error(y, expected, size) < TOLERANCE
@@ -241,17 +250,19 @@ def test_non_finite_inputs_take_the_direct_path_and_keep_torchs_infinities(calls
     np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
 
 
-pool_cases = st.fixed_dictionaries({
-    "n": st.integers(1, 3),
-    "c_in": st.integers(1, 20),
-    "c_out": st.integers(1, 20),
-    "h": st.integers(2, 15),
-    "w": st.integers(2, 15),
-    "padding": st.integers(0, 2),
-    "bias": st.booleans(),
-    "with_indices": st.booleans(),
-    "seed": st.integers(0, 2**31 - 1),
-})
+pool_cases = st.fixed_dictionaries(
+    {
+        "n": st.integers(1, 3),
+        "c_in": st.integers(1, 20),
+        "c_out": st.integers(1, 20),
+        "h": st.integers(2, 15),
+        "w": st.integers(2, 15),
+        "padding": st.integers(0, 2),
+        "bias": st.booleans(),
+        "with_indices": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -275,23 +286,33 @@ def test_winograd_with_fused_max_pool_matches_the_reference(case):
 
     _conv.winograd_conv2d_forward = spy
     try:
-        result = F._conv2d_max_pool2d(x, w, b, 1, p, 1, 1, (2, 2, 0, 1, False),
-                                      case["with_indices"])
+        result = F._conv2d_max_pool2d(
+            x, w, b, 1, p, 1, 1, (2, 2, 0, 1, False), case["with_indices"]
+        )
     finally:
         _conv.winograd_conv2d_forward = original
     assert result is not None and counts["pool mode"] == (2 if case["with_indices"] else 1)
     pooled, indices, conv_shape = result
-    conv = reference.conv2d(x.astype(np.float64), w.astype(np.float64),
-                            None if b is None else b.astype(np.float64), padding=p)
+    conv = reference.conv2d(
+        x.astype(np.float64),
+        w.astype(np.float64),
+        None if b is None else b.astype(np.float64),
+        padding=p,
+    )
     expected, expected_indices = reference.max_pool2d(conv, 2, return_indices=True)
-    size = reference.conv2d(np.abs(x.astype(np.float64)), np.abs(w.astype(np.float64)),
-                            None if b is None else np.abs(b.astype(np.float64)), padding=p)
+    size = reference.conv2d(
+        np.abs(x.astype(np.float64)),
+        np.abs(w.astype(np.float64)),
+        None if b is None else np.abs(b.astype(np.float64)),
+        padding=p,
+    )
     assert conv_shape == conv.shape and pooled.shape == expected.shape
     assert relative_error(pooled, expected, size) < TOLERANCE
     if case["with_indices"]:
         # equal, except where two window entries tie within float32 rounding
-        chosen = np.take_along_axis(conv.reshape(*conv.shape[:2], -1),
-                                    indices.reshape(*indices.shape[:2], -1), axis=2)
+        chosen = np.take_along_axis(
+            conv.reshape(*conv.shape[:2], -1), indices.reshape(*indices.shape[:2], -1), axis=2
+        )
         assert relative_error(chosen.reshape(expected.shape), expected, size) < TOLERANCE
         assert (indices == expected_indices).mean() > 0.99
 

@@ -20,32 +20,46 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA_ROOT
 
 import fastconv
-from conftest import DATA_ROOT
 
 MNIST_DIR = DATA_ROOT / "mnist"
 
 
 def need_mnist() -> Path:
     """The MNIST folder, or skip the test saying where the files were looked for."""
-    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists() and not (
-        MNIST_DIR / "t10k-images-idx3-ubyte"
-    ).exists():
+    if (
+        not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists()
+        and not (MNIST_DIR / "t10k-images-idx3-ubyte").exists()
+    ):
         pytest.skip(f"MNIST files not found in {MNIST_DIR} (set FASTCONV_DATA_DIR)")
     return MNIST_DIR
 
 
 def fastconv_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m fastconv ARGS`` (the console script's code) and return the result."""
-    return subprocess.run([sys.executable, "-m", "fastconv", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "fastconv", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def train_with_cli(out: Path, *options: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = fastconv_command("train", "--data-dir", str(need_mnist()), "--no-download",
-                              "--quiet", "--out", str(out), *options)
+    result = fastconv_command(
+        "train",
+        "--data-dir",
+        str(need_mnist()),
+        "--no-download",
+        "--quiet",
+        "--out",
+        str(out),
+        *options,
+    )
     assert result.returncode == 0, f"fastconv train failed:\n{result.stderr}"
     return out
 
@@ -54,8 +68,18 @@ def small_model(tmp_path_factory) -> Path:
     """A model trained on 5,000 images for one epoch, once per session."""
     path = tmp_path_factory.getbasetemp() / "trained" / "small.npz"
     if not path.exists():
-        train_with_cli(path, "--limit", "5000", "--epochs", "1", "--val-size", "1000",
-                       "--no-test", "--checkpoint-every", "0")
+        train_with_cli(
+            path,
+            "--limit",
+            "5000",
+            "--epochs",
+            "1",
+            "--val-size",
+            "1000",
+            "--no-test",
+            "--checkpoint-every",
+            "0",
+        )
     return path
 
 

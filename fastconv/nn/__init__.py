@@ -13,7 +13,15 @@ None): a model's input needs none. `to_config`/`from_config` describe a model as
 """
 
 from .layers import (
-    AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, LeakyReLU, Linear, MaxPool2d,
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
     ReLU,
 )
 from .loss import CrossEntropyLoss
@@ -21,7 +29,24 @@ from .module import IncompatibleKeys, Module, Parameter, is_grad_enabled, no_gra
 from .sequential import Sequential, from_config, to_config
 
 __all__ = [
-    "Module", "Parameter", "Sequential", "IncompatibleKeys", "Conv2d", "MaxPool2d", "AvgPool2d",
-    "ReLU", "LeakyReLU", "Flatten", "Linear", "Dropout", "BatchNorm1d", "BatchNorm2d",
-    "CrossEntropyLoss", "to_config", "from_config", "register", "no_grad", "is_grad_enabled",
+    "Module",
+    "Parameter",
+    "Sequential",
+    "IncompatibleKeys",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "ReLU",
+    "LeakyReLU",
+    "Flatten",
+    "Linear",
+    "Dropout",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "CrossEntropyLoss",
+    "to_config",
+    "from_config",
+    "register",
+    "no_grad",
+    "is_grad_enabled",
 ]

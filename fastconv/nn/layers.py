@@ -50,11 +50,25 @@ def _check_dtype(layer: Module, x: np.ndarray, dtype: np.dtype) -> None:
 class Conv2d(Module):
     """2-D convolution over (N, C_in, H, W); weights initialised as torch's (kaiming-uniform)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, *, dtype=np.float32, rng=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        dtype=np.float32,
+        rng=None,
+    ):
         if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"Conv2d: in_channels={in_channels} and out_channels={out_channels} "
-                             f"must be divisible by groups={groups}")
+            raise ValueError(
+                f"Conv2d: in_channels={in_channels} and out_channels={out_channels} "
+                f"must be divisible by groups={groups}"
+            )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _pair("kernel_size", kernel_size, 1)
         self.stride = _pair("stride", stride, 1)
@@ -76,8 +90,14 @@ class Conv2d(Module):
         fused kernel does not apply; `pool` keeps what its backward needs."""
         x = np.ascontiguousarray(x)
         bias = None if self.bias is None else self.bias.data
-        fused = F._conv2d_max_pool2d(x, self.weight.data, bias, *self._geometry(), pool.window(),
-                                     with_indices=is_grad_enabled())
+        fused = F._conv2d_max_pool2d(
+            x,
+            self.weight.data,
+            bias,
+            *self._geometry(),
+            pool.window(),
+            with_indices=is_grad_enabled(),
+        )
         if fused is None:
             return None
         self._x = x
@@ -87,7 +107,10 @@ class Conv2d(Module):
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         grad_input, grad_weight, grad_bias = F.conv2d_backward(
-            grad_output, self._x, self.weight.data, *self._geometry(),
+            grad_output,
+            self._x,
+            self.weight.data,
+            *self._geometry(),
             output_mask=(self.needs_input_grad, True, self.bias is not None),
         )
         self.weight.accumulate(grad_weight)
@@ -99,15 +122,23 @@ class Conv2d(Module):
         return self.stride, self.padding, self.dilation, self.groups
 
     def config(self) -> dict[str, Any]:
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
-                "padding": _json(self.padding), "dilation": _json(self.dilation),
-                "groups": self.groups, "bias": self.bias is not None,
-                "dtype": str(self.weight.dtype)}
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": _json(self.kernel_size),
+            "stride": _json(self.stride),
+            "padding": _json(self.padding),
+            "dilation": _json(self.dilation),
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "dtype": str(self.weight.dtype),
+        }
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
@@ -149,7 +180,9 @@ class MaxPool2d(Module):
         if not self.needs_input_grad:
             return None
         if self._x is None:  # fed by Conv2d.forward_pooled: only the indices were kept
-            return F._max_pool2d_backward_from_indices(grad_output, self._indices, self._input_shape)
+            return F._max_pool2d_backward_from_indices(
+                grad_output, self._indices, self._input_shape
+            )
         return F.max_pool2d_backward(grad_output, self._x, *self._args(), indices=self._indices)
 
     def config(self) -> dict[str, Any]:
@@ -157,14 +190,23 @@ class MaxPool2d(Module):
         return {name: _json(value) for name, value in zip(names, self._args())}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value}" for name, value in self.config().items()).replace(
-            "[", "(").replace("]", ")")
+        return (
+            ", ".join(f"{name}={value}" for name, value in self.config().items())
+            .replace("[", "(")
+            .replace("]", ")")
+        )
 
 
 @register
 class AvgPool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-                 count_include_pad: bool = True):
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+    ):
         self.kernel_size = _tuple(kernel_size)
         self.stride = self.kernel_size if stride is None else _tuple(stride)
         self.padding, self.ceil_mode = _tuple(padding), bool(ceil_mode)
@@ -238,7 +280,7 @@ class Flatten(Module):
         start, end = self.start_dim % x.ndim, self.end_dim % x.ndim
         if start >= end:
             return x
-        return x.reshape(*x.shape[:start], math.prod(x.shape[start:end + 1]), *x.shape[end + 1:])
+        return x.reshape(*x.shape[:start], math.prod(x.shape[start : end + 1]), *x.shape[end + 1 :])
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         return grad_output.reshape(self._shape) if self.needs_input_grad else None
@@ -254,8 +296,9 @@ class Flatten(Module):
 class Linear(Module):
     """y = x W^T + b over the last axis of x (..., in_features); torch's default initialisation."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 dtype=np.float32, rng=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32, rng=None
+    ):
         self.in_features, self.out_features = in_features, out_features
         rng = np.random.default_rng(rng)
         bound = 1 / math.sqrt(in_features)
@@ -280,12 +323,18 @@ class Linear(Module):
         return grad_output @ self.weight.data if self.needs_input_grad else None
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "dtype": str(self.weight.dtype)}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": str(self.weight.dtype),
+        }
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 @register
@@ -327,9 +376,17 @@ class _BatchNorm(Module):
     statistics in training (biased variance to normalise, unbiased for running_var), running
     statistics in eval mode (unless track_running_stats=False)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
-                 dtype=np.float32):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        bias: bool = True,
+        dtype=np.float32,
+    ):
         self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         self.weight = Parameter(np.ones(num_features, dtype)) if affine else None
@@ -354,18 +411,25 @@ class _BatchNorm(Module):
             factor = 1 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
         self._x = x
         out, self._mean, self._invstd = F._batch_norm(
-            x, self.running_mean if self.track_running_stats else None,
+            x,
+            self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
             None if self.weight is None else self.weight.data,
             None if self.bias is None else self.bias.data,
-            self._batch_stats, factor, self.eps,
+            self._batch_stats,
+            factor,
+            self.eps,
         )
         return out
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         weight = None if self.weight is None else self.weight.data
         grad_input, grad_weight, grad_bias = F._batch_norm_backward(
-            grad_output, (self._x, weight), self._mean, self._invstd, self._batch_stats,
+            grad_output,
+            (self._x, weight),
+            self._mean,
+            self._invstd,
+            self._batch_stats,
             (self.needs_input_grad, self.affine, self.bias is not None),
         )
         if self.affine:
@@ -381,14 +445,22 @@ class _BatchNorm(Module):
         return self.running_mean.dtype if self.track_running_stats else self._dtype
 
     def config(self) -> dict[str, Any]:
-        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
-                "affine": self.affine, "track_running_stats": self.track_running_stats,
-                "bias": self.bias is not None, "dtype": str(self.dtype)}
+        return {
+            "num_features": self.num_features,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "bias": self.bias is not None,
+            "dtype": str(self.dtype),
+        }
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, bias={self.bias is not None}, "
-                f"track_running_stats={self.track_running_stats}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
 
     def _check_input(self, x: np.ndarray) -> None:
         raise NotImplementedError
@@ -398,13 +470,16 @@ class _BatchNorm(Module):
 class BatchNorm2d(_BatchNorm):
     def _check_input(self, x: np.ndarray) -> None:
         if x.ndim != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"BatchNorm2d: expected input (N, {self.num_features}, H, W), "
-                             f"got shape {x.shape}")
+            raise ValueError(
+                f"BatchNorm2d: expected input (N, {self.num_features}, H, W), got shape {x.shape}"
+            )
 
 
 @register
 class BatchNorm1d(_BatchNorm):
     def _check_input(self, x: np.ndarray) -> None:
         if x.ndim not in (2, 3) or x.shape[1] != self.num_features:
-            raise ValueError(f"BatchNorm1d: expected input (N, {self.num_features}) or "
-                             f"(N, {self.num_features}, L), got shape {x.shape}")
+            raise ValueError(
+                f"BatchNorm1d: expected input (N, {self.num_features}) or "
+                f"(N, {self.num_features}, L), got shape {x.shape}"
+            )

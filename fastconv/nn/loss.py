@@ -20,15 +20,18 @@ class CrossEntropyLoss(Module):
     def __init__(self, label_smoothing: float = 0.0):
         if not 0 <= label_smoothing <= 1:
             raise ValueError(
-                f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+                f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}"
+            )
         self.label_smoothing = float(label_smoothing)
         self._probs = None
 
     def forward(self, logits: np.ndarray, target: np.ndarray) -> float:
         target = np.asarray(target)
         if logits.ndim != 2 or target.shape != logits.shape[:1]:
-            raise ValueError(f"CrossEntropyLoss: expected logits (N, C) and target (N,), "
-                             f"got {logits.shape} and {target.shape}")
+            raise ValueError(
+                f"CrossEntropyLoss: expected logits (N, C) and target (N,), "
+                f"got {logits.shape} and {target.shape}"
+            )
         n, classes = logits.shape
         if target.dtype.kind not in "iu" or (n and (target.min() < 0 or target.max() >= classes)):
             raise ValueError(f"CrossEntropyLoss: target must hold class indices in [0, {classes})")
@@ -51,7 +54,8 @@ class CrossEntropyLoss(Module):
         """d loss / d logits = (softmax - smoothed one-hot) / N, times grad_output."""
         if self._probs is None:
             raise RuntimeError(
-                "CrossEntropyLoss.backward: call the loss first (one backward per forward)")
+                "CrossEntropyLoss.backward: call the loss first (one backward per forward)"
+            )
         grad, self._probs = self._probs, None  # reuse the softmax array: backward runs once
         n, classes = grad.shape
         if self.label_smoothing:

@@ -185,11 +185,13 @@ class Module:
                 continue
             value = np.asarray(state[key])
             if value.shape != target.shape:
-                problems.append(f"{key}: shape {value.shape} in the state dict, "
-                                f"{target.shape} in the model")
+                problems.append(
+                    f"{key}: shape {value.shape} in the state dict, {target.shape} in the model"
+                )
             elif value.dtype.kind not in ("f" if target.dtype.kind == "f" else "iu"):
-                problems.append(f"{key}: dtype {value.dtype} in the state dict, "
-                                f"{target.dtype} in the model")
+                problems.append(
+                    f"{key}: dtype {value.dtype} in the state dict, {target.dtype} in the model"
+                )
             values[key] = value
         if problems:
             raise ValueError("load_state_dict: " + "; ".join(problems))
@@ -206,8 +208,10 @@ class Module:
         return ""
 
     def __repr__(self) -> str:
-        lines = [f"({name}): " + repr(child).replace("\n", "\n  ")
-                 for name, child in self.named_children()]
+        lines = [
+            f"({name}): " + repr(child).replace("\n", "\n  ")
+            for name, child in self.named_children()
+        ]
         if not lines:
             return f"{type(self).__name__}({self.extra_repr()})"
         extra = [self.extra_repr()] if self.extra_repr() else []

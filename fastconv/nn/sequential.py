@@ -100,8 +100,9 @@ def to_config(module: Module) -> dict[str, Any]:
         return {"type": "Sequential", "layers": [to_config(layer) for layer in module]}
     name = type(module).__name__
     if _LAYER_TYPES.get(name) is not type(module):
-        raise ValueError(f"to_config: {name} is not a registered layer type "
-                         "(see fastconv.nn.register)")
+        raise ValueError(
+            f"to_config: {name} is not a registered layer type (see fastconv.nn.register)"
+        )
     return {"type": name, "config": module.config()}
 
 

@@ -37,7 +37,6 @@ from .. import nn
 from .._args import conv_padding
 from .._files import atomic_write
 from ..io import ModelFile
-
 from . import graph as G
 from .graph import Graph, Node, ValueInfo
 
@@ -871,8 +870,6 @@ def save(
     else:
         with atomic_write(path) as f:
             f.write(data)
-
-
 
 
 def _graph_to_proto(onnx, graph: Graph):

@@ -38,16 +38,19 @@ class LRScheduler:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Flat and pickle-free, as the optimizers': every value a NumPy array."""
-        state = {"last_epoch": np.array(self.last_epoch),
-                 "base_lrs": np.array(self.base_lrs, dtype=np.float64),
-                 "last_lr": np.array(self._last_lr, dtype=np.float64)}
+        state = {
+            "last_epoch": np.array(self.last_epoch),
+            "base_lrs": np.array(self.base_lrs, dtype=np.float64),
+            "last_lr": np.array(self._last_lr, dtype=np.float64),
+        }
         return state | {name: np.array(getattr(self, name)) for name in self._hyperparameters}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = {"last_epoch", "base_lrs", "last_lr", *self._hyperparameters}
         if set(state) != expected:
-            raise ValueError(f"load_state_dict: expected keys {sorted(expected)}, "
-                             f"got {sorted(state)}")
+            raise ValueError(
+                f"load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}"
+            )
         groups = len(self.optimizer.param_groups)
         if any(np.asarray(state[k]).shape != (groups,) for k in ("base_lrs", "last_lr")):
             raise ValueError(f"load_state_dict: base_lrs and last_lr must hold {groups} values")

@@ -95,15 +95,19 @@ class Optimizer:
                 continue
             param = params[index]
             if value.ndim and value.shape != param.shape:
-                raise ValueError(f"load_state_dict: {key}: shape {value.shape} in the state "
-                                 f"dict, {param.shape} for the parameter")
+                raise ValueError(
+                    f"load_state_dict: {key}: shape {value.shape} in the state "
+                    f"dict, {param.shape} for the parameter"
+                )
             value = value.item() if value.ndim == 0 else value.astype(param.dtype)  # a copy
             states.setdefault(param, {})[name] = value
         for g, (group, saved) in enumerate(zip(self.param_groups, groups)):
             count = len(saved.pop("params", ()))
             if count != len(group["params"]):
-                raise ValueError(f"load_state_dict: group {g} has {len(group['params'])} "
-                                 f"parameters, the state dict {count}")
+                raise ValueError(
+                    f"load_state_dict: group {g} has {len(group['params'])} "
+                    f"parameters, the state dict {count}"
+                )
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
         self.state = states
@@ -117,29 +121,46 @@ class Optimizer:
 
 
 def _split_key(key: str, groups: int, params: int) -> tuple[str, int, str]:
-    """"state.3.exp_avg" -> ("state", 3, "exp_avg"), checking the index exists."""
+    """ "state.3.exp_avg" -> ("state", 3, "exp_avg"), checking the index exists."""
     parts = key.split(".")
     if len(parts) != 3 or parts[0] not in ("param_groups", "state") or not parts[1].isdigit():
         raise ValueError(f"load_state_dict: unexpected key {key!r}")
     limit = groups if parts[0] == "param_groups" else params
     if int(parts[1]) >= limit:
-        raise ValueError(f"load_state_dict: {key}: the optimizer has {groups} groups of "
-                         f"{params} parameters")
+        raise ValueError(
+            f"load_state_dict: {key}: the optimizer has {groups} groups of {params} parameters"
+        )
     return parts[0], int(parts[1]), parts[2]
 
 
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
         if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD: lr={lr}, momentum={momentum} and weight_decay={weight_decay} "
-                             "must be >= 0")
+            raise ValueError(
+                f"SGD: lr={lr}, momentum={momentum} and weight_decay={weight_decay} must be >= 0"
+            )
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      nesterov=nesterov, weight_decay=weight_decay))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+            ),
+        )
 
     def _update(self, p, grad, state, group):
         if group["weight_decay"]:
@@ -161,11 +182,19 @@ class Adam(Optimizer):
 
     _decoupled = False
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"{type(self).__name__}: invalid lr={lr}, betas={betas}, eps={eps} "
-                             f"or weight_decay={weight_decay}")
+            raise ValueError(
+                f"{type(self).__name__}: invalid lr={lr}, betas={betas}, eps={eps} "
+                f"or weight_decay={weight_decay}"
+            )
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
@@ -193,6 +222,12 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         super().__init__(params, lr, betas, eps, weight_decay)

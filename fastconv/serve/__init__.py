@@ -95,8 +95,10 @@ class Predictor:
             return cls(*source)
         if callable(source):
             return cls(source, {})
-        raise TypeError("expected a model file path, a (model, meta) pair or a model, "
-                        f"got {type(source).__name__}")
+        raise TypeError(
+            "expected a model file path, a (model, meta) pair or a model, "
+            f"got {type(source).__name__}"
+        )
 
     def predict(self, image) -> dict[str, Any]:
         """Class probabilities of one image (anything :func:`to_mnist_input` takes).
@@ -108,8 +110,10 @@ class Predictor:
         k = int(np.argmax(probabilities))
         seen = np.clip(self.image_input.pixels(x[0]), 0, 1)
         return {
-            "class": k, "label": self.classes[k],
-            "probabilities": [float(p) for p in probabilities], "labels": self.classes,
+            "class": k,
+            "label": self.classes[k],
+            "probabilities": [float(p) for p in probabilities],
+            "labels": self.classes,
             "input": np.round(seen, 3).tolist(),
         }
 
@@ -172,8 +176,11 @@ def create_app(model, max_body: int = MAX_BODY):
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in ACCEPTED_TYPES:
             shown = f"'{kind}'" if kind else "none"
-            raise HTTPException(415, f"Content-Type must be {accepted}, got {shown}; send the "
-                                     "image file's bytes as the request body")
+            raise HTTPException(
+                415,
+                f"Content-Type must be {accepted}, got {shown}; send the "
+                "image file's bytes as the request body",
+            )
         body = await _read_body(request, max_body, HTTPException, ClientDisconnect)
         started = time.perf_counter()
         try:
@@ -187,8 +194,11 @@ def create_app(model, max_body: int = MAX_BODY):
         return JSONResponse(result)
 
     async def http_error(request, exc):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"error": exc.detail},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     app = Starlette(
         routes=[
@@ -242,14 +252,24 @@ def require_dependencies() -> None:
         raise ImportError(INSTALL_HINT) from None
 
 
-def run(model, host: str = "127.0.0.1", port: int = 8000, max_body: int = MAX_BODY,
-        log_level: str = "warning") -> None:
+def run(
+    model,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_body: int = MAX_BODY,
+    log_level: str = "warning",
+) -> None:
     """Serve ``model`` (anything :func:`create_app` takes) with uvicorn until interrupted."""
     serve_app(create_app(model, max_body=max_body), host, port, log_level)
 
 
-def serve_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-              ready: Callable[[str], None] | None = None) -> None:
+def serve_app(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    ready: Callable[[str], None] | None = None,
+) -> None:
     """Serve an app made by :func:`create_app` with uvicorn until interrupted (Ctrl-C).
 
     The address is bound first, so a port in use raises ``OSError`` ("cannot listen on ...")
