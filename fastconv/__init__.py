@@ -12,14 +12,14 @@ _runtime.configure()  # before the kernels load: see fastconv/_runtime.py
 
 try:
     from . import _conv  # noqa: F401  (the compiled kernels)
-except ImportError as err:
+except ImportError:
     # Run from a checkout that was never built in place, Python finds this source tree first
     # and no compiled kernels in it (as NumPy does, say so in one sentence).
     raise ImportError(
         f"fastconv's compiled kernels are missing from {__path__[0]}: this is a source tree "
         "that was not built in place; run Python from outside it to use the installed fastconv, "
         "or build it here with `pip install -e .` (the contributor setup)"
-    ) from err
+    ) from None
 
 from .functional import (
     avg_pool2d,
