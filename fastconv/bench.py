@@ -425,7 +425,9 @@ def check(case: Case, runner: Callable[[], object]) -> None:
     elif case.operation.startswith("LeNet"):
         return
     else:
-        expected = _arrays(case.make("reference")())
+        reference_runner = case.make("reference")
+        assert reference_runner is not None  # every case but the models (returned above) has one
+        expected = _arrays(reference_runner())
     if len(got) != len(expected):
         raise AssertionError(
             f"{case.operation}: {len(got)} results, the reference gives {len(expected)}"
@@ -445,7 +447,7 @@ def time_call(run: Callable[[], object], budget: float = 0.3, min_runs: int = 5)
     """Median seconds of warm calls (after warm-up calls that fault in every buffer)."""
     for _ in range(2):
         run()
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + budget
     while len(times) < min_runs or time.perf_counter() < deadline:
         start = time.perf_counter()
@@ -482,24 +484,27 @@ def run(threads: int | None = None, budget: float = 0.3, backends=BACKENDS, sele
     for case in cases():
         if selected and not any(s in case.operation for s in selected):
             continue
-        row = {
+        row: dict[str, str | float | None] = {
             "operation": case.operation,
             "shape": case.shape,
             "algorithm": case.algorithm() if case.algorithm else None,
         }
         # One engine at a time, onnxruntime last: its pool spins after each run and would slow
         # whatever ran next.
+        ms: dict[str, float | None] = {}
         for backend in backends:
             runner = case.make(backend)
             if runner is not None and backend != "reference":
                 check(case, runner)  # a fast wrong kernel is a failure, not a speed-up
-            row[f"{backend}_ms"] = None if runner is None else time_call(runner, budget) * 1e3
-        ours, ref, other, ort = (row.get(f"{b}_ms") for b in BACKENDS)
+            ms[backend] = None if runner is None else time_call(runner, budget) * 1e3
+            row[f"{backend}_ms"] = ms[backend]
+        ours, ref, other, ort = (ms.get(b) for b in BACKENDS)
+        gflops = case.flops / (ours * 1e6) if case.flops and ours else None
         row["speedup_vs_reference"] = ref / ours if ref and ours else None
         row["speedup_vs_torch"] = other / ours if other and ours else None
         row["speedup_vs_onnxruntime"] = ort / ours if ort and ours else None
-        row["gflops"] = case.flops / (ours * 1e6) if case.flops and ours else None
-        row["ceiling_share"] = row["gflops"] / ceiling if row["gflops"] else None
+        row["gflops"] = gflops
+        row["ceiling_share"] = gflops / ceiling if gflops else None
         rows.append(row)
     return rows, ceiling
 

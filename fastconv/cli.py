@@ -546,7 +546,7 @@ def _train(args, parallel=None) -> int:
     scheduler = recipe.make_scheduler(optimizer, config, steps_per_epoch)
     augment = random_shift if config["augment"] else None
     quiet = args.quiet or (parallel is not None and parallel.rank != 0)
-    trainer = Trainer(
+    trainer: Trainer = Trainer(  # annotated: the log callback below refers to trainer
         model,
         optimizer,
         recipe.make_loss(config),

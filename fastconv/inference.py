@@ -57,7 +57,7 @@ class ImageInput:
             )
         return cls(
             shape,
-            float(meta.get("mean", DEFAULT_MEAN)),  # type: ignore[arg-type]
+            float(meta.get("mean", DEFAULT_MEAN)),
             float(meta.get("std", DEFAULT_STD)),
         )
 

@@ -360,11 +360,14 @@ def _read_header(npz, path, expected_format: str) -> dict:
         raise ValueError(f"{path}: the header is not a JSON object")
     found = header.get("format")
     if found != expected_format:
-        hint = {
+        hints: dict[tuple[str, object], str] = {
             (MODEL_FORMAT, CHECKPOINT_FORMAT): "a training checkpoint, not a model file "
             "(resume it with `fastconv train --resume`, or use fastconv.io.load_checkpoint)",
             (CHECKPOINT_FORMAT, MODEL_FORMAT): "a model file, not a training checkpoint",
-        }.get((expected_format, found), f"format {found!r}, expected {expected_format!r}")
+        }
+        hint = hints.get(
+            (expected_format, found), f"format {found!r}, expected {expected_format!r}"
+        )
         raise ValueError(f"{path}: {hint}")
     version = header.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:

@@ -92,7 +92,7 @@ def plot_history(history, path) -> Path:
             if points:
                 xs, ys = zip(*points)
                 if name == "acc":
-                    ys = [100 * v for v in ys]
+                    ys = tuple(100 * v for v in ys)
                 label = "train" if split == "train" else "validation"
                 ax.plot(xs, ys, "o-", color=colour, label=label, markersize=4)
                 ax.annotate(

@@ -5,6 +5,8 @@ command gives it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import models, nn, optim
 
 # Training settings that define a run: a resumed run must keep them (a checkpoint stores them).
@@ -33,7 +35,7 @@ def fresh_config(given: dict) -> dict:
     """The settings of a new run: ``given`` (None where not given) completed by the defaults.
 
     Raises ``ValueError`` for an unknown architecture."""
-    config = {name: given.get(name) for name in RUN_DEFAULTS}
+    config: dict[str, Any] = {name: given.get(name) for name in RUN_DEFAULTS}
     for name, default in RUN_DEFAULTS.items():
         if config[name] is None:
             config[name] = default

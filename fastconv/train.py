@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -256,7 +257,7 @@ class Trainer:
         x,
         y,
         epochs: int,
-        validation: tuple | None = None,
+        validation: tuple[Any, Any] | None = None,
         patience: int | None = None,
         min_delta: float = 0.0,
     ) -> History:

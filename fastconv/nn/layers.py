@@ -113,12 +113,15 @@ class Conv2d(Module):
             *self._geometry(),
             output_mask=(self.needs_input_grad, True, self.bias is not None),
         )
+        assert grad_weight is not None  # output_mask asks for it
         self.weight.accumulate(grad_weight)
         if self.bias is not None:
+            assert grad_bias is not None  # output_mask asks for it when there is a bias
             self.bias.accumulate(grad_bias)
         return grad_input
 
-    def _geometry(self):
+    def _geometry(self) -> tuple[tuple[int, int], tuple[int, int] | str, tuple[int, int], int]:
+        """``(stride, padding, dilation, groups)``, as F.conv2d takes them."""
         return self.stride, self.padding, self.dilation, self.groups
 
     def config(self) -> dict[str, Any]:
@@ -152,19 +155,25 @@ class Conv2d(Module):
 class MaxPool2d(Module):
     """Max pooling; ceil_mode is keyword-only (torch's fifth positional is return_indices)."""
 
+    # Kept for backward by forward, or by keep_indices when fused into the Conv2d before it
+    # (then _x is None and _indices None under no_grad); forward under no_grad keeps nothing.
+    _x: np.ndarray | None
+    _indices: np.ndarray | None
+    _input_shape: tuple[int, ...]
+
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode: bool = False):
         self.kernel_size = _tuple(kernel_size)
         self.stride = self.kernel_size if stride is None else _tuple(stride)
         self.padding, self.dilation = _tuple(padding), _tuple(dilation)
         self.ceil_mode = bool(ceil_mode)
 
-    def window(self) -> tuple:
+    def window(self) -> tuple[Any, Any, Any, Any, bool]:
         """``(kernel_size, stride, padding, dilation, ceil_mode)``, as F.max_pool2d takes them."""
         return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
 
     _args = window
 
-    def keep_indices(self, indices: np.ndarray | None, input_shape: tuple) -> None:
+    def keep_indices(self, indices: np.ndarray | None, input_shape: tuple[int, ...]) -> None:
         """What backward needs when this pooling ran fused into the layer before it: the argmax
         indices of each window into an input of ``input_shape`` (which was not kept)."""
         self._x, self._indices, self._input_shape = None, indices, input_shape
@@ -180,6 +189,8 @@ class MaxPool2d(Module):
         if not self.needs_input_grad:
             return None
         if self._x is None:  # fed by Conv2d.forward_pooled: only the indices were kept
+            # forward_pooled keeps indices unless under no_grad, which no backward follows
+            assert self._indices is not None
             return F._max_pool2d_backward_from_indices(
                 grad_output, self._indices, self._input_shape
             )
@@ -407,6 +418,7 @@ class _BatchNorm(Module):
         update = self.training and self.track_running_stats
         factor = 0.0
         if update:
+            assert self.num_batches_tracked is not None  # track_running_stats
             self.num_batches_tracked += 1
             factor = 1 / int(self.num_batches_tracked) if self.momentum is None else self.momentum
         self._x = x
@@ -432,17 +444,21 @@ class _BatchNorm(Module):
             self._batch_stats,
             (self.needs_input_grad, self.affine, self.bias is not None),
         )
-        if self.affine:
+        if self.weight is not None:  # affine: output_mask asks for its gradient
+            assert grad_weight is not None
             self.weight.accumulate(grad_weight)
-        if self.bias is not None:
+        if self.bias is not None:  # output_mask asks for its gradient
+            assert grad_bias is not None
             self.bias.accumulate(grad_bias)
         return grad_input
 
     @property
     def dtype(self) -> np.dtype:
-        if self.affine:
+        if self.weight is not None:  # affine
             return self.weight.dtype
-        return self.running_mean.dtype if self.track_running_stats else self._dtype
+        if self.running_mean is not None:  # track_running_stats
+            return self.running_mean.dtype
+        return self._dtype
 
     def config(self) -> dict[str, Any]:
         return {

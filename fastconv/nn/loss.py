@@ -23,7 +23,7 @@ class CrossEntropyLoss(Module):
                 f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}"
             )
         self.label_smoothing = float(label_smoothing)
-        self._probs = None
+        self._probs: np.ndarray | None = None
 
     def forward(self, logits: np.ndarray, target: np.ndarray) -> float:
         target = np.asarray(target)
@@ -50,8 +50,9 @@ class CrossEntropyLoss(Module):
         self._probs, self._target = exp, target
         return float(loss)
 
-    def backward(self, grad_output: float = 1.0) -> np.ndarray:
-        """d loss / d logits = (softmax - smoothed one-hot) / N, times grad_output."""
+    def backward(self, grad_output: float | np.ndarray = 1.0) -> np.ndarray:
+        """d loss / d logits = (softmax - smoothed one-hot) / N, times grad_output (a float or a
+        0-d array)."""
         if self._probs is None:
             raise RuntimeError(
                 "CrossEntropyLoss.backward: call the loss first (one backward per forward)"

@@ -83,7 +83,9 @@ class Module:
     def __call__(self, *args):
         return self.forward(*args)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    # Any arguments, as torch.nn.Module's: a layer maps an array to an array, but a loss takes
+    # (logits, target) and returns a float. Subclasses declare their own signatures.
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:

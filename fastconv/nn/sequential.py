@@ -65,9 +65,12 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        grad: np.ndarray | None = grad_output
         for layer in reversed(self._order):
-            grad_output = layer.backward(grad_output)
-        return grad_output
+            # None comes only from the first layer (the others all need their input's gradient)
+            assert grad is not None
+            grad = layer.backward(grad)
+        return grad
 
     def _execution_order(self) -> list[Module]:
         """The layers, with each ReLU/LeakyReLU that feeds a MaxPool2d run after the pool instead.

@@ -24,10 +24,10 @@ class Optimizer:
     """
 
     def __init__(self, params: Iterable[Parameter] | Iterable[dict], defaults: dict[str, Any]):
-        params = list(params)
-        if not params:
+        items: list[Any] = list(params)  # Parameters, or group dicts: the first one tells
+        if not items:
             raise ValueError(f"{type(self).__name__}: got an empty parameter list")
-        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        groups: list[dict] = items if isinstance(items[0], dict) else [{"params": items}]
         self.defaults = defaults
         self.param_groups = [
             {**defaults, **group, "params": list(group["params"])} for group in groups
