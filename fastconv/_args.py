@@ -214,44 +214,65 @@ def conv_args(
     groups: int,
 ) -> ConvArgs:
     """Validate conv2d's arguments the way torch.nn.functional.conv2d does."""
-    x = float_array("x", x)
-    weight = float_array("weight", weight, x.dtype)
-    x4, unbatched = batched("x", x)
-    if weight.ndim != 4:
-        raise ValueError(
-            f"weight: expected a 4-D array (C_out, C_in / groups, kH, kW), got shape {weight.shape}"
-        )
-    if not isinstance(groups, Integral) or isinstance(groups, bool):
-        raise TypeError(f"groups: expected an int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups: must be >= 1, got {groups}")
+    x4, weight, groups, unbatched = conv_operands(
+        "x", x, weight, groups, "(C_out, C_in / groups, kH, kW)"
+    )
     c_out, c_per_group, kh, kw = weight.shape
-    check_nonempty("weight", weight.shape, 0)
-    check_nonempty("x", x4.shape)
-    if c_out % groups:
-        raise ValueError(
-            f"groups: C_out = {c_out} (weight {weight.shape}) is not divisible by groups={groups}"
-        )
     if x4.shape[1] != c_per_group * groups:
         raise ValueError(
             f"x: expected {c_per_group * groups} input channels (weight {weight.shape}, "
-            f"groups={groups}), got x of shape {x.shape}"
+            f"groups={groups}), got x of shape {x4.shape[1 if unbatched else 0 :]}"
         )
     stride = pair("stride", stride, 1)
     dilation = pair("dilation", dilation, 1)
     pads = conv_padding(padding, (kh, kw), stride, dilation)
     geometry = sliding_geometry("x", x4.shape, (kh, kw), stride, pads, dilation)
-    check_fits("output", (x4.shape[0], c_out, geometry.out_h, geometry.out_w), x.itemsize)
-    return ConvArgs(x4, weight, geometry, int(groups), unbatched)
+    check_fits("output", (x4.shape[0], c_out, geometry.out_h, geometry.out_w), weight.itemsize)
+    return ConvArgs(x4, weight, geometry, groups, unbatched)
 
 
-def bias_array(bias: npt.ArrayLike | None, weight: np.ndarray) -> np.ndarray | None:
+def conv_operands(
+    name: str, x: npt.ArrayLike, weight: npt.ArrayLike, groups: object, layout: str
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """(4-D x, weight, groups, unbatched) for a convolution: float arrays of one dtype, x 3-D or
+    4-D, weight 4-D as ``layout`` says with dimension 0 divisible by groups, and no channel or
+    spatial size zero. ``name`` is the input's name in messages."""
+    x = float_array(name, x)
+    weight = float_array("weight", weight, x.dtype)
+    x4, unbatched = batched(name, x)
+    if weight.ndim != 4:
+        raise ValueError(f"weight: expected a 4-D array {layout}, got shape {weight.shape}")
+    groups = check_groups(groups)
+    check_nonempty("weight", weight.shape, 0)
+    check_nonempty(name, x4.shape)
+    if weight.shape[0] % groups:
+        raise ValueError(
+            f"groups: {layout[1:].split(',')[0]} = {weight.shape[0]} (weight {weight.shape}) is "
+            f"not divisible by groups={groups}"
+        )
+    return x4, weight, groups, unbatched
+
+
+def check_groups(groups: object) -> int:
+    if not isinstance(groups, Integral) or isinstance(groups, bool):
+        raise TypeError(f"groups: expected an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups: must be >= 1, got {groups}")
+    return int(groups)
+
+
+def bias_array(
+    bias: npt.ArrayLike | None, weight: np.ndarray, out_channels: int | None = None
+) -> np.ndarray | None:
+    """bias of shape (C_out,): weight.shape[0] unless given (a transposed convolution's is
+    weight.shape[1] * groups)."""
     if bias is None:
         return None
     bias = float_array("bias", bias, weight.dtype)
-    if bias.shape != (weight.shape[0],):
+    channels = weight.shape[0] if out_channels is None else out_channels
+    if bias.shape != (channels,):
         raise ValueError(
-            f"bias: expected shape ({weight.shape[0]},) for weight {weight.shape}, got {bias.shape}"
+            f"bias: expected shape ({channels},) for weight {weight.shape}, got {bias.shape}"
         )
     return bias
 
@@ -482,3 +503,76 @@ def batch_norm_args(
         )
     flat = x.reshape(x.shape[0], channels, -1) if x.size else x.reshape(x.shape[0], channels, 0)
     return NormArgs(flat, vectors["weight"], vectors["bias"], x.shape)
+
+
+@dataclass(frozen=True)
+class ConvTransposeArgs:
+    """conv_transpose2d's checked arguments; pairs are (height, width)."""
+
+    x: np.ndarray  # 4-D (N, C_in, H, W), contiguous
+    weight: np.ndarray  # (C_in, C_out / groups, kH, kW)
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    output_padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    out_h: int
+    out_w: int
+    unbatched: bool
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        """(N, C_out, H_out, W_out), batched."""
+        return (self.x.shape[0], self.out_channels, self.out_h, self.out_w)
+
+
+def conv_transpose_args(
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    output_padding: int | tuple[int, int],
+    groups: int,
+    dilation: int | tuple[int, int],
+) -> ConvTransposeArgs:
+    """Validate conv_transpose2d's arguments the way torch.nn.functional.conv_transpose2d does.
+
+    H_out = (H - 1) * stride - 2 * padding + dilation * (kH - 1) + output_padding + 1, which must
+    be >= 1; output_padding must be smaller than stride or dilation (torch's rule).
+    """
+    layout = "(C_in, C_out / groups, kH, kW)"
+    x4, weight, groups, unbatched = conv_operands("input", input, weight, groups, layout)
+    c_in, _, kh, kw = weight.shape
+    if x4.shape[1] != c_in:
+        raise ValueError(
+            f"input: expected {c_in} channels (weight {weight.shape} is {layout}), got input of "
+            f"shape {x4.shape[1 if unbatched else 0 :]}"
+        )
+    stride = pair("stride", stride, 1)
+    pads = pair("padding", padding, 0)
+    extra = pair("output_padding", output_padding, 0)
+    dilation = pair("dilation", dilation, 1)
+    if any(e >= max(s, d) for e, s, d in zip(extra, stride, dilation)):
+        raise ValueError(
+            f"output_padding: must be smaller than either stride or dilation, got "
+            f"output_padding={extra}, stride={stride}, dilation={dilation}"
+        )
+    out_h, out_w = (
+        (size - 1) * s - 2 * p + d * (k - 1) + e + 1
+        for size, s, p, d, k, e in zip(x4.shape[2:], stride, pads, dilation, (kh, kw), extra)
+    )
+    if min(out_h, out_w) < 1:
+        raise ValueError(
+            f"input: given input size per channel ({x4.shape[2]} x {x4.shape[3]}), the "
+            f"calculated output size per channel ({out_h} x {out_w}) is too small (kernel "
+            f"{(kh, kw)}, stride={stride}, padding={pads}, output_padding={extra}, "
+            f"dilation={dilation})"
+        )
+    check_fits("output", (x4.shape[0], weight.shape[1] * groups, out_h, out_w), weight.itemsize)
+    return ConvTransposeArgs(
+        x4, weight, stride, pads, extra, dilation, groups, out_h, out_w, unbatched
+    )

@@ -39,6 +39,8 @@ __all__ = [
     "set_conv_algorithm",
     "get_conv_algorithm",
     "conv2d_algorithm",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
 ]
 
 _workspace_limit = int(float(os.environ.get("FASTCONV_WORKSPACE_MB", "32")) * 2**20)
@@ -793,3 +795,92 @@ def kernel_info() -> dict:
         f"{_conv.winograd_kernels}",
         "conv_algorithm": get_conv_algorithm(),
     }
+
+
+# --- transposed convolution: the adjoint of conv2d, on conv2d's own paths ----------------------
+
+
+def _adjoint_conv2d_backward(
+    a: _args.ConvTransposeArgs, conv2d_input: np.ndarray, output_mask: tuple[bool, bool, bool]
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """conv2d_backward of the conv2d (weight, padding, stride, dilation, groups as given) from a
+    (C_out, H_out, W_out) input, with x as its output's gradient.
+
+    That conv2d has H + output_padding // stride output rows: more than x's H only when
+    dilation > output_padding >= stride; x gets zero rows there (nothing reaches them).
+    """
+    extra_h, extra_w = (e // s for e, s in zip(a.output_padding, a.stride))
+    x = a.x
+    if extra_h or extra_w:
+        x = np.pad(x, ((0, 0), (0, 0), (0, extra_h), (0, extra_w)))
+    return conv2d_backward(
+        x,
+        conv2d_input,
+        a.weight,
+        a.stride,
+        a.padding,
+        a.dilation,
+        a.groups,
+        output_mask=output_mask,
+    )
+
+
+def conv_transpose2d(
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    bias: npt.ArrayLike | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    output_padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> np.ndarray:
+    """Transposed 2-D convolution of x (N, C_in, H, W) with weight (C_in, C_out/groups, kH, kW).
+
+    Returns (N, C_out, H_out, W_out), H_out = (H - 1) * stride - 2 * padding + dilation * (kH - 1)
+    + output_padding + 1, as torch.nn.functional.conv_transpose2d. It is conv2d's input gradient
+    for a conv2d of weight from a (C_out, H_out, W_out) input, with x as that gradient.
+    """
+    a = _args.conv_transpose_args(input, weight, stride, padding, output_padding, groups, dilation)
+    bias = _args.bias_array(bias, a.weight, a.out_channels)
+    # conv2d_backward reads its input only for the weight's gradient, not asked for here
+    unused = np.zeros(a.output_shape, a.x.dtype)
+    out, _, _ = _adjoint_conv2d_backward(a, unused, (True, False, False))
+    assert out is not None  # output_mask asks for it
+    if bias is not None:
+        out += bias[:, None, None]
+    return _finish(out, a.unbatched)
+
+
+def conv_transpose2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    output_padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    dilation: int | tuple[int, int] = 1,
+    *,
+    output_mask: Sequence[bool] = (True, True, True),
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Gradients of conv_transpose2d w.r.t. (input, weight, bias), as torch autograd computes them.
+
+    The input's is conv2d(grad_output, weight); the weight's is conv2d's weight gradient with
+    grad_output as conv2d's input and x as its output gradient. output_mask (keyword only, as in
+    conv2d_backward) skips the gradients not needed, returning None in their place.
+    """
+    a = _args.conv_transpose_args(input, weight, stride, padding, output_padding, groups, dilation)
+    grad = _args.grad_output_array(grad_output, a.output_shape, a.x.dtype, a.unbatched)
+    want_input, want_weight, want_bias = (bool(m) for m in output_mask)
+    grad_input = None
+    if want_input:
+        full = conv2d(grad, a.weight, None, a.stride, a.padding, a.dilation, a.groups)
+        h, w = a.x.shape[2:]
+        if full.shape[2:] != (h, w):  # the rows _adjoint_conv2d_backward adds to x
+            full = np.ascontiguousarray(full[:, :, :h, :w])
+        grad_input = _finish(full, a.unbatched)
+    grad_weight = None
+    if want_weight:
+        _, grad_weight, _ = _adjoint_conv2d_backward(a, grad, (False, True, False))
+    return grad_input, grad_weight, grad.sum(axis=(0, 2, 3)) if want_bias else None

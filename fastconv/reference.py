@@ -26,6 +26,8 @@ __all__ = [
     "fold",
     "batch_norm",
     "batch_norm_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
 ]
 
 
@@ -381,3 +383,97 @@ def batch_norm_backward(
         grad_x = scale[:, None] * grad
     dtype = a.x.dtype
     return grad_x.astype(dtype).reshape(a.shape), grad_weight.astype(dtype), grad_bias.astype(dtype)
+
+
+def _transposed_canvas(a: _args.ConvTransposeArgs) -> np.ndarray:
+    """Zeros (N, C_out, rows, columns) holding the uncropped output: every tap's rows (the input
+    spread by stride, shifted by dilation * tap) and the output's rows at offset padding."""
+    sizes = [
+        max((size - 1) * s + d * (k - 1) + 1, p + out)
+        for size, s, d, k, p, out in zip(
+            a.x.shape[2:],
+            a.stride,
+            a.dilation,
+            a.weight.shape[2:],
+            a.padding,
+            (a.out_h, a.out_w),
+        )
+    ]
+    return np.zeros((a.x.shape[0], a.out_channels, *sizes), dtype=a.x.dtype)
+
+
+def _tap(canvas: np.ndarray, a: _args.ConvTransposeArgs, i: int, j: int) -> np.ndarray:
+    """The (N, C_out, H, W) positions of the canvas that input pixel (h, w) reaches through kernel
+    tap (i, j): (h * stride + i * dilation, w * stride + j * dilation)."""
+    (h, w), (sh, sw), (dh, dw) = a.x.shape[2:], a.stride, a.dilation
+    return canvas[
+        :, :, i * dh : i * dh + (h - 1) * sh + 1 : sh, j * dw : j * dw + (w - 1) * sw + 1 : sw
+    ]
+
+
+def _crop(canvas: np.ndarray, a: _args.ConvTransposeArgs) -> np.ndarray:
+    (ph, pw) = a.padding
+    return canvas[:, :, ph : ph + a.out_h, pw : pw + a.out_w]
+
+
+def _transposed_groups(a: _args.ConvTransposeArgs) -> tuple[np.ndarray, np.ndarray]:
+    """x as (N, groups, C_in / groups, H * W), weight as (groups, C_in / groups, C_out / groups,
+    kH, kW)."""
+    n, c_in, h, w = a.x.shape
+    xg = a.x.reshape(n, a.groups, c_in // a.groups, h * w)
+    return xg, a.weight.reshape(a.groups, c_in // a.groups, *a.weight.shape[1:])
+
+
+def conv_transpose2d(
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    bias: npt.ArrayLike | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    output_padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> np.ndarray:
+    """Each input pixel scatters weight[c, :, i, j] * x to its tap's output position."""
+    a = _args.conv_transpose_args(input, weight, stride, padding, output_padding, groups, dilation)
+    bias = _args.bias_array(bias, a.weight, a.out_channels)
+    xg, wg = _transposed_groups(a)
+    canvas = _transposed_canvas(a)
+    for i in range(a.weight.shape[2]):
+        for j in range(a.weight.shape[3]):
+            # scattered[n, g, o, p] = sum_c w[g, c, o, i, j] * x[n, g, c, p]
+            scattered = wg[:, :, :, i, j].transpose(0, 2, 1) @ xg
+            _tap(canvas, a, i, j)[...] += scattered.reshape(
+                a.x.shape[0], a.out_channels, *a.x.shape[2:]
+            )
+    out = np.ascontiguousarray(_crop(canvas, a))
+    if bias is not None:
+        out += bias[:, None, None]
+    return _finish(out, a.unbatched)
+
+
+def conv_transpose2d_backward(
+    grad_output: npt.ArrayLike,
+    input: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    output_padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each tap gathers back what it scattered: the gradient at its positions."""
+    a = _args.conv_transpose_args(input, weight, stride, padding, output_padding, groups, dilation)
+    grad = _args.grad_output_array(grad_output, a.output_shape, a.x.dtype, a.unbatched)
+    xg, wg = _transposed_groups(a)
+    canvas = _transposed_canvas(a)
+    _crop(canvas, a)[...] = grad  # the cropped-off positions pass no gradient
+    grad_x, grad_w = np.zeros_like(xg), np.zeros_like(wg)
+    n, positions, per_group = a.x.shape[0], xg.shape[3], a.weight.shape[1]
+    for i in range(a.weight.shape[2]):
+        for j in range(a.weight.shape[3]):
+            reached = _tap(canvas, a, i, j).reshape(n, a.groups, per_group, positions)
+            grad_x += wg[:, :, :, i, j] @ reached
+            grad_w[:, :, :, i, j] = (xg @ reached.transpose(0, 1, 3, 2)).sum(axis=0)
+    grad_input = _finish(grad_x.reshape(a.x.shape), a.unbatched)
+    return grad_input, grad_w.reshape(a.weight.shape), grad.sum(axis=(0, 2, 3))
