@@ -46,9 +46,93 @@ def _check_dtype(layer: Module, x: np.ndarray, dtype: np.dtype) -> None:
         )
 
 
+class _Conv(Module):
+    """What Conv2d and ConvTranspose2d share: channels, kernel, torch's initialisation
+    (kaiming-uniform), the gradients' bookkeeping, config and repr. `_geometry_names` lists the
+    other arguments in F's order, each with the default the repr leaves out (None: always shown).
+    The repr lists them in torch's order.
+    """
+
+    _geometry_names: tuple[tuple[str, Any], ...]
+    weight: Parameter
+    bias: Parameter | None
+    _x: np.ndarray
+
+    def _init_parameters(
+        self, in_channels, out_channels, kernel_size, groups, bias, dtype, rng, transposed
+    ) -> None:
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"{type(self).__name__}: in_channels={in_channels} and "
+                f"out_channels={out_channels} must be divisible by groups={groups}"
+            )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        rng = np.random.default_rng(rng)
+        # torch's fan-in: weight.shape[1] * kH * kW, whichever channels that dimension holds
+        shape = (
+            (in_channels, out_channels // groups)
+            if transposed
+            else (out_channels, in_channels // groups)
+        ) + self.kernel_size
+        bound = 1 / math.sqrt(shape[1] * self.kernel_size[0] * self.kernel_size[1])
+        self.weight = Parameter(_uniform(rng, bound, shape, dtype))
+        self.bias = Parameter(_uniform(rng, bound, (out_channels,), dtype)) if bias else None
+
+    def _geometry(self) -> tuple[Any, ...]:
+        """The geometry arguments, in the order the functional op takes them."""
+        return tuple(getattr(self, name) for name, _ in self._geometry_names)
+
+    def _forward(self, op: Any, x: np.ndarray) -> np.ndarray:
+        """Run F's op, keeping the input for backward."""
+        self._x = np.ascontiguousarray(x)
+        bias = None if self.bias is None else self.bias.data
+        return op(self._x, self.weight.data, bias, *self._geometry())
+
+    def _backward(self, backward: Any, grad_output: np.ndarray) -> np.ndarray | None:
+        """Run F's backward for this layer, accumulate the parameters' gradients, return the
+        input's (None unless needs_input_grad)."""
+        grad_input, grad_weight, grad_bias = backward(
+            grad_output,
+            self._x,
+            self.weight.data,
+            *self._geometry(),
+            output_mask=(self.needs_input_grad, True, self.bias is not None),
+        )
+        assert grad_weight is not None  # output_mask asks for it
+        self.weight.accumulate(grad_weight)
+        if self.bias is not None:
+            assert grad_bias is not None  # output_mask asks for it when there is a bias
+            self.bias.accumulate(grad_bias)
+        return grad_input
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": _json(self.kernel_size),
+            **{name: _json(getattr(self, name)) for name, _ in self._geometry_names},
+            "bias": self.bias is not None,
+            "dtype": str(self.weight.dtype),
+        }
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        defaults = dict(self._geometry_names)
+        for name in ("stride", "padding", "dilation", "output_padding", "groups"):  # torch's order
+            if name not in defaults:
+                continue
+            default = defaults[name]
+            if default is None or getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s + (", bias=False" if self.bias is None else "")
+
+
 @register
-class Conv2d(Module):
+class Conv2d(_Conv):
     """2-D convolution over (N, C_in, H, W); weights initialised as torch's (kaiming-uniform)."""
+
+    _geometry_names = (("stride", None), ("padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1))
 
     def __init__(
         self,
@@ -64,26 +148,15 @@ class Conv2d(Module):
         dtype=np.float32,
         rng=None,
     ):
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"Conv2d: in_channels={in_channels} and out_channels={out_channels} "
-                f"must be divisible by groups={groups}"
-            )
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self._init_parameters(
+            in_channels, out_channels, kernel_size, groups, bias, dtype, rng, False
+        )
         self.stride = _pair("stride", stride, 1)
         self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
         self.dilation = _pair("dilation", dilation, 1)
-        rng = np.random.default_rng(rng)
-        bound = 1 / math.sqrt(in_channels // groups * self.kernel_size[0] * self.kernel_size[1])
-        shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self.weight = Parameter(_uniform(rng, bound, shape, dtype))
-        self.bias = Parameter(_uniform(rng, bound, (out_channels,), dtype)) if bias else None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._x = np.ascontiguousarray(x)
-        bias = None if self.bias is None else self.bias.data
-        return F.conv2d(self._x, self.weight.data, bias, *self._geometry())
+        return self._forward(F.conv2d, x)
 
     def forward_pooled(self, x: np.ndarray, pool: MaxPool2d) -> np.ndarray | None:
         """pool(self(x)) in one pass (the output is pooled while in cache), or None where the
@@ -94,7 +167,10 @@ class Conv2d(Module):
             x,
             self.weight.data,
             bias,
-            *self._geometry(),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
             pool.window(),
             with_indices=is_grad_enabled(),
         )
@@ -106,49 +182,7 @@ class Conv2d(Module):
         return out
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
-        grad_input, grad_weight, grad_bias = F.conv2d_backward(
-            grad_output,
-            self._x,
-            self.weight.data,
-            *self._geometry(),
-            output_mask=(self.needs_input_grad, True, self.bias is not None),
-        )
-        assert grad_weight is not None  # output_mask asks for it
-        self.weight.accumulate(grad_weight)
-        if self.bias is not None:
-            assert grad_bias is not None  # output_mask asks for it when there is a bias
-            self.bias.accumulate(grad_bias)
-        return grad_input
-
-    def _geometry(self) -> tuple[tuple[int, int], tuple[int, int] | str, tuple[int, int], int]:
-        """``(stride, padding, dilation, groups)``, as F.conv2d takes them."""
-        return self.stride, self.padding, self.dilation, self.groups
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": _json(self.kernel_size),
-            "stride": _json(self.stride),
-            "padding": _json(self.padding),
-            "dilation": _json(self.dilation),
-            "groups": self.groups,
-            "bias": self.bias is not None,
-            "dtype": str(self.weight.dtype),
-        }
-
-    def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
-        )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        return s + (", bias=False" if self.bias is None else "")
+        return self._backward(F.conv2d_backward, grad_output)
 
 
 @register
@@ -499,3 +533,51 @@ class BatchNorm1d(_BatchNorm):
                 f"BatchNorm1d: expected input (N, {self.num_features}) or "
                 f"(N, {self.num_features}, L), got shape {x.shape}"
             )
+
+
+@register
+class ConvTranspose2d(_Conv):
+    """Transposed 2-D convolution over (N, C_in, H, W), weight (C_in, C_out / groups, kH, kW);
+    initialised as torch's (kaiming-uniform: its fan-in is C_out / groups * kH * kW)."""
+
+    _geometry_names = (
+        ("stride", None),
+        ("padding", (0, 0)),
+        ("output_padding", (0, 0)),
+        ("groups", 1),
+        ("dilation", (1, 1)),
+    )
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation=1,
+        padding_mode: str = "zeros",
+        *,
+        dtype=np.float32,
+        rng=None,
+    ):
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"ConvTranspose2d: padding_mode must be 'zeros' (as torch's), got {padding_mode!r}"
+            )
+        self._init_parameters(
+            in_channels, out_channels, kernel_size, groups, bias, dtype, rng, True
+        )
+        self.stride = _pair("stride", stride, 1)
+        self.padding = _pair("padding", padding, 0)
+        self.output_padding = _pair("output_padding", output_padding, 0)
+        self.dilation = _pair("dilation", dilation, 1)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self._forward(F.conv_transpose2d, x)
+
+    def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
+        return self._backward(F.conv_transpose2d_backward, grad_output)
