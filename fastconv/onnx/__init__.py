@@ -7,7 +7,9 @@ writes a fastconv model for onnxruntime and the rest of the ecosystem.
     fastconv.onnx.save(model, "mine.onnx")      # a Sequential of fastconv.nn layers, or a Graph
 
 `load` reads opsets 9 to the newest the installed `onnx` package knows, and the operators small
-CNNs use (`SUPPORTED_OPERATORS`). Everything is checked before the model is built: an
+CNNs use (`SUPPORTED_OPERATORS`). Older models (opsets 1 to 8: years of exports) are first
+upgraded to opset 9 by the onnx package's own `onnx.version_converter`; one it cannot upgrade is
+refused naming the opset (and the node, when the converter's message names its operator). Everything is checked before the model is built: an
 unsupported operator or attribute, an undefined input or a missing initializer, initializers
 whose shapes do not fit their operator, truncated or corrupted bytes raise a ValueError naming
 the node (and the file), never an error halfway through inference. `onnx.checker.check_model`
@@ -25,11 +27,13 @@ Requires the `onnx` package (`pip install "fastconv[onnx]"`), imported on first 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 
@@ -96,6 +100,7 @@ def load(source) -> Graph:
     )
     model = _parse(onnx, source, where)
     try:
+        model = _upgrade(onnx, model)
         opset = _opset(model)
         _check_nodes(model.graph, opset)
         try:
@@ -106,7 +111,8 @@ def load(source) -> Graph:
         _strict_shapes(onnx, model)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    return graph.eval()
+    graph.eval()
+    return graph
 
 
 def load_model(source):
@@ -160,17 +166,39 @@ def _opset(model) -> int:
         raise ValueError("the model imports no version of the default ONNX operator set")
     newest = _onnx().defs.onnx_opset_version()
     opset = max(versions)
-    if opset < OLDEST_OPSET:
-        raise ValueError(
-            f"opset {opset} is older than {OLDEST_OPSET}, the oldest fastconv reads; "
-            "convert the model with onnx.version_converter.convert_version"
-        )
+    if opset < OLDEST_OPSET:  # _upgrade converts these first
+        raise ValueError(f"opset {opset} is older than {OLDEST_OPSET}, the oldest fastconv reads")
     if opset > newest:
         raise ValueError(
             f"opset {opset} is newer than {newest}, the newest the installed onnx "
             "package knows; upgrade onnx"
         )
     return opset
+
+
+def _upgrade(onnx, model):
+    """A model below OLDEST_OPSET, upgraded to it by onnx.version_converter (the onnx package's
+    own adapters, operator by operator); newer models are returned as they are."""
+    versions = [o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS]
+    if not versions or max(versions) >= OLDEST_OPSET:
+        return model
+    opset = max(versions)
+    try:  # the adapters (Gemm's, Reshape's...) need the sizes shape inference finds
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # then the converter says what it lacks
+        pass
+    try:
+        return onnx.version_converter.convert_version(model, OLDEST_OPSET)
+    except Exception as err:  # the converter raises RuntimeError, ValueError, IndexError...
+        message = re.sub(r"^\S+\.(h|cc):\d+: ", "", _first_line(err))  # the C++ source line
+        words = set(re.findall(r"[A-Za-z_]\w*", message))
+        culprit = next(
+            (_label(n, i) + ": " for i, n in enumerate(model.graph.node) if n.op_type in words), ""
+        )
+        raise ValueError(
+            f"{culprit}opset {opset} is older than {OLDEST_OPSET} and "
+            f"onnx.version_converter cannot upgrade the model: {message}"
+        ) from None
 
 
 def _label(node, index: int) -> str:
@@ -279,11 +307,13 @@ class _Importer:
                 continue
             inputs.append(ValueInfo(info.name, _dtype_of(self.onnx, info), _shape_of(info)))
         used_outputs = {name for n in g.node for name in n.input} | {o.name for o in g.output}
-        nodes, initializer_roles, folded = [], {}, set()
+        nodes: list[Node] = []
+        initializer_roles: dict[str, int] = {}
+        folded: set[str] = set()
         for index, proto in enumerate(g.node):
             node = _NodeReader(self, proto, index)
             for k, out in enumerate(proto.output[1:], start=1):
-                if out and out in used_outputs:
+                if out and out in used_outputs and proto.op_type not in _MULTI_OUTPUT:
                     node.fail(
                         f"output {k} ({out!r}) is not supported: only the first output can be used"
                     )
@@ -295,9 +325,12 @@ class _Importer:
                 folded.add(proto.output[0])
                 continue
             converter, _ = _CONVERTERS[proto.op_type]
+            assert converter is not None  # only Constant has none, handled above
             op = converter(node)
             if all(not name or self._is_constant(name) for name in proto.input):
-                self.constants[proto.output[0]] = node.evaluate(op)  # e.g. a reshape target
+                value = node.evaluate(op)  # e.g. a reshape target
+                values = value if isinstance(value, tuple) else (value,)
+                self.constants.update((k, np.asarray(v)) for k, v in zip(proto.output, values) if k)
                 for name in proto.input:
                     if name in self.arrays:
                         initializer_roles.setdefault(name, 0)
@@ -309,6 +342,7 @@ class _Importer:
                     op,
                     tuple(proto.input),
                     proto.output[0],
+                    tuple(proto.output[1:]),
                 )
             )
             for i, name in enumerate(proto.input):
@@ -431,8 +465,9 @@ class _NodeReader:
         self.importer, self.proto, self.opset = importer, proto, importer.opset
         self.label = _label(proto, index)
         self.attrs = {a.name: a for a in proto.attribute}
+        self.spatial = 2  # a Conv or pool's number of spatial axes (1: run with a height of 1)
 
-    def fail(self, message: str):
+    def fail(self, message: str) -> NoReturn:
         raise ValueError(f"{self.label}: {message}")
 
     def has(self, name: str) -> bool:
@@ -462,26 +497,38 @@ class _NodeReader:
         name = self.input(i)
         return self.importer.const(name) if name else None
 
-    def evaluate(self, op) -> np.ndarray:
+    def evaluate(self, op) -> np.ndarray | tuple[np.ndarray, ...]:
         """Run a node whose inputs are all constants, once, at load time."""
         args = [self.importer.const(name) if name else None for name in self.proto.input]
         while args and args[-1] is None:
             args.pop()
         try:
-            return np.asarray(op.forward(*args))
+            result = op.forward(*args)
         except (ValueError, TypeError, IndexError) as err:
             self.fail(str(err))
+        return result if isinstance(result, tuple) else np.asarray(result)
 
     def pair(self, name: str, default, minimum: int) -> tuple[int, int]:
+        """A 2-D window attribute; a 1-D node's single value gets a height of 1 before it."""
         value = self.attr(name, "ints", default)
+        if value is not None and self.spatial == 1 and name in self.attrs:
+            value = (1, *value) if len(value) == 1 else (-1,)  # (-1,): refused below
         if value is None or len(value) != 2:
             self.fail(
-                f"attribute {name}={list(value) if value else value}: only 2-D windows are "
-                "supported (two values expected)"
+                f"attribute {name}={list(value) if value else value}: only 1-D and 2-D windows "
+                f"are supported ({self.spatial} value{'s' if self.spatial > 1 else ''} expected)"
             )
         if min(value) < minimum:
             self.fail(f"attribute {name}={list(value)}: values must be >= {minimum}")
         return value
+
+    def spatial_rank(self, *ranks: int | None) -> int:
+        """The window's rank (1 or 2), from the first of `ranks` that is known; others must agree."""
+        known = {r for r in ranks if r is not None}
+        if len(known) > 1 or known - {1, 2}:
+            return 0
+        self.spatial = known.pop() if known else 2
+        return self.spatial
 
 
 # -- converters: one per operator, each checks what it reads and returns the op -------------------
@@ -493,27 +540,40 @@ def _window_attrs(n: _NodeReader) -> tuple:
     auto_pad = n.attr("auto_pad", "string", "NOTSET")
     if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
         n.fail(f"auto_pad={auto_pad!r} is not supported")
-    pads = n.attr("pads", "ints", (0, 0, 0, 0))
+    pads = n.attr("pads", "ints", (0,) * 2 * n.spatial)
     if auto_pad != "NOTSET" and any(pads):
         n.fail(f"pads={list(pads)} cannot be given with auto_pad={auto_pad}")
-    if len(pads) != 4 or min(pads) < 0:
-        n.fail(f"pads={list(pads)}: expected four values >= 0 (top, left, bottom, right)")
+    if len(pads) != 2 * n.spatial or min(pads) < 0:
+        where = "(begin, end)" if n.spatial == 1 else "(top, left, bottom, right)"
+        n.fail(f"pads={list(pads)}: expected {2 * n.spatial} values >= 0 {where}")
+    if n.spatial == 1:
+        pads = (0, pads[0], 0, pads[1])
     return strides, dilations, pads, auto_pad
+
+
+def _rank(shape, offset: int = 2) -> int | None:
+    return None if shape is None else len(shape) - offset
+
+
+def _one_d(n: _NodeReader, op: G.Op) -> G.Op:
+    return G.OneD(op) if n.spatial == 1 else op
 
 
 def _conv(n: _NodeReader):
     x, w, b = n.shape(0), n.shape(1), n.shape(2)
-    if w is not None and len(w) != 4 or x is not None and len(x) != 4:
-        n.fail(f"only 2-D convolutions are supported (input {_dims(x)}, weight {_dims(w)})")
     kernel = n.attr("kernel_shape", "ints")
-    if kernel is not None and (
-        len(kernel) != 2 or w is not None and None not in w[2:] and tuple(w[2:]) != kernel
-    ):
+    if not n.spatial_rank(_rank(w), _rank(x), _rank(kernel, 0)):
+        n.fail(
+            f"only 1-D and 2-D convolutions are supported (input {_dims(x)}, weight {_dims(w)}"
+            + (f", kernel_shape={list(kernel)})" if kernel is not None else ")")
+        )
+    if kernel is not None and w is not None and None not in w[2:] and tuple(w[2:]) != kernel:
         n.fail(f"kernel_shape={list(kernel)} does not fit the weight's shape {_dims(w)}")
     if kernel is None:
         if w is None or None in w[2:]:
             n.fail("the kernel size is unknown: give kernel_shape or a weight of known shape")
         kernel = tuple(w[2:])
+    kernel = (1, *kernel) if n.spatial == 1 else kernel
     strides, dilations, pads, auto_pad = _window_attrs(n)
     group = n.attr("group", "int", 1)
     if group < 1:
@@ -525,14 +585,17 @@ def _conv(n: _NodeReader):
             n.fail(f"bias of shape {_dims(b)} does not fit the weight's {w[0]} output channels")
     if w is not None and x is not None and None not in (x[1], w[1]) and x[1] != w[1] * group:
         n.fail(f"input with {x[1]} channels does not fit weight {_dims(w)} with group={group}")
-    return G.Conv(kernel, strides, dilations, pads, auto_pad, group)
+    return _one_d(n, G.Conv(kernel, strides, dilations, pads, auto_pad, group))
 
 
 def _pool(kind: str) -> Callable:
     def convert(n: _NodeReader):
-        x = n.shape(0)
-        if x is not None and len(x) != 4:
-            n.fail(f"only 2-D pooling is supported (input {_dims(x)})")
+        x, kernel = n.shape(0), n.attr("kernel_shape", "ints")
+        if not n.spatial_rank(_rank(x), _rank(kernel, 0)):
+            n.fail(
+                f"only 1-D and 2-D pooling is supported (input {_dims(x)}"
+                + (f", kernel_shape={list(kernel)})" if kernel is not None else ")")
+            )
         kernel = n.pair("kernel_shape", None, 1)
         strides, dilations, pads, auto_pad = _window_attrs(n)
         if auto_pad == "NOTSET" and any(p >= k for p, k in zip(pads, kernel * 2)):
@@ -541,7 +604,7 @@ def _pool(kind: str) -> Callable:
             n.fail("storage_order=1 (column-major indices) is not supported")
         if kind == "Average" and dilations != (1, 1):
             n.fail(f"dilations={list(dilations)} are not supported for AveragePool")
-        return G.Pool(
+        pool = G.Pool(
             kind if kind == "Max" else "Avg",
             kernel,
             strides,
@@ -551,6 +614,7 @@ def _pool(kind: str) -> Callable:
             bool(n.attr("ceil_mode", "int", 0)),
             bool(n.attr("count_include_pad", "int", 0)),
         )
+        return _one_d(n, pool)
 
     return convert
 
@@ -722,7 +786,170 @@ def _constant_value(importer: _Importer, n: _NodeReader) -> np.ndarray:
     n.fail(f"attribute {name!r} is not supported (only numeric tensors)")
 
 
-_CONVERTERS: dict[str, tuple[Callable, frozenset]] = {
+# element-wise functions: ONNX's attribute defaults
+_UNARY_ATTRS: dict[str, dict[str, float]] = {
+    "Neg": {},
+    "Abs": {},
+    "Sqrt": {},
+    "Exp": {},
+    "Log": {},
+    "Reciprocal": {},
+    "Sigmoid": {},
+    "Tanh": {},
+    "Elu": {"alpha": 1.0},
+    "Selu": {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875},
+    "Softplus": {},
+    "Softsign": {},
+    "HardSigmoid": {"alpha": 0.2, "beta": 0.5},
+    "HardSwish": {},
+}
+
+
+def _unary(kind: str) -> Callable:
+    def convert(n: _NodeReader):
+        defaults = _UNARY_ATTRS[kind]
+        return G.Unary(kind, **{k: float(n.attr(k, "float", v)) for k, v in defaults.items()})
+
+    return convert
+
+
+def _cast(n: _NodeReader):
+    to = n.attr("to", "int")
+    try:
+        dtype = np.dtype(n.importer.onnx.helper.tensor_dtype_to_np_dtype(to))
+    except Exception:
+        dtype = np.dtype(object)
+    if dtype.kind not in "fiub" or dtype.kind == "f" and dtype not in (np.float32, np.float64):
+        n.fail(f"to={to} ({dtype}): fastconv computes in float32/float64, integers and booleans")
+    if not n.attr("saturate", "int", 1):
+        n.fail("saturate=0 (for float8 types) is not supported")
+    return G.Cast(dtype)
+
+
+def _prelu(n: _NodeReader):
+    x, slope = n.shape(0), n.shape(1)
+    if x is not None and slope is not None and not _broadcasts_to(slope, x):
+        n.fail(f"slope of shape {_dims(slope)} does not broadcast to the input's {_dims(x)}")
+    return G.PRelu()
+
+
+def _broadcasting(op: Callable[[], G.Op]) -> Callable:
+    def convert(n: _NodeReader):
+        shapes = [n.shape(i) for i in range(len(n.proto.input))]
+        known = [s for s in shapes if s is not None]
+        if any(not _broadcastable(a, b) for a in known for b in known):
+            n.fail(f"operands of shapes {', '.join(map(_dims, known))} do not broadcast")
+        return op()
+
+    return convert
+
+
+def _ints_input_or_attr(n: _NodeReader, name: str, index: int, since: int):
+    """An ints parameter that is an attribute before opset `since`, input `index` from it on."""
+    if n.opset < since:
+        return n.attr(name, "ints")
+    if n.has(name):
+        n.fail(f"attribute {name!r} is an input from opset {since} on")
+    return None
+
+
+def _pad(n: _NodeReader):
+    mode = n.attr("mode", "string", "constant")
+    if mode not in ("constant", "reflect", "edge"):
+        n.fail(f"mode={mode!r} is not supported (constant, reflect, edge)")
+    pads = _ints_input_or_attr(n, "pads", 1, 11)
+    if n.opset < 11 and pads is None:
+        n.fail("attribute 'pads' is required")
+    if n.opset >= 11 and not n.input(1):
+        n.fail("input 'pads' is required")
+    x = n.shape(0)
+    if pads is not None and x is not None and len(pads) != 2 * len(x):
+        n.fail(f"pads={list(pads)} do not fit an input of rank {len(x)}")
+    return G.Pad(mode, pads, float(n.attr("value", "float", 0.0)))
+
+
+def _slice(n: _NodeReader):
+    if n.opset < 10:
+        starts, ends = n.attr("starts", "ints"), n.attr("ends", "ints")
+        if starts is None or ends is None:
+            n.fail("attributes 'starts' and 'ends' are required")
+        return G.Slice(list(starts), list(ends), n.attr("axes", "ints"))
+    if not n.input(1) or not n.input(2):
+        n.fail("inputs 'starts' and 'ends' are required")
+    return G.Slice()
+
+
+def _split(n: _NodeReader):
+    split = _ints_input_or_attr(n, "split", 1, 13)
+    outputs = len(n.proto.output)
+    count = n.attr("num_outputs", "int")
+    if count is not None and count != outputs:
+        n.fail(f"num_outputs={count} but the node has {outputs} outputs")
+    if split is not None and len(split) != outputs:
+        n.fail(f"split={list(split)} does not give {outputs} outputs")
+    if n.opset >= 18 and count is None and not n.input(1):
+        n.fail("either input 'split' or attribute 'num_outputs' is required")
+    return G.Split(n.attr("axis", "int", 0), outputs, None if split is None else list(split))
+
+
+def _constant_of_shape(n: _NodeReader):
+    tensor = n.attr("value", "tensor")
+    value = np.zeros(1, np.float32) if tensor is None else n.importer._array(tensor, n.label)
+    if value.size != 1:
+        n.fail(f"value must hold one element, got shape {value.shape}")
+    return G.ConstantOfShape(value)
+
+
+def _lrn(n: _NodeReader):
+    size = n.attr("size", "int")
+    if size is None or size < 1 or size % 2 == 0:
+        n.fail(
+            f"size={size}: an odd size >= 1 is required (an even window's centre differs between "
+            "ONNX and torch, and onnxruntime refuses it)"
+        )
+    attrs = [
+        float(n.attr(k, "float", d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0))
+    ]
+    return G.LRN(size, *attrs)
+
+
+def _instance_norm(n: _NodeReader):
+    x = n.shape(0)
+    if x is not None and len(x) < 3:
+        n.fail(f"expected an input (N, C, ...) with spatial axes, got {_dims(x)}")
+    return G.InstanceNorm(float(n.attr("epsilon", "float", 1e-5)))
+
+
+def _reduce(kind: str) -> Callable:
+    since = 13 if kind == "ReduceSum" else 18  # axes: an attribute before, an input from then on
+
+    def convert(n: _NodeReader):
+        axes = _ints_input_or_attr(n, "axes", 1, since)
+        x = n.shape(0)
+        if axes is not None and x is not None and any(not -len(x) <= a < len(x) for a in axes):
+            n.fail(f"axes={list(axes)} out of range for an input of rank {len(x)}")
+        noop = bool(n.attr("noop_with_empty_axes", "int", 0))
+        return G.Reduce(kind, bool(n.attr("keepdims", "int", 1)), axes, noop)
+
+    return convert
+
+
+def _depth_to_space(inverse: bool) -> Callable:
+    def convert(n: _NodeReader):
+        blocksize, mode = n.attr("blocksize", "int"), n.attr("mode", "string", "DCR")
+        if blocksize is None or blocksize < 1:
+            n.fail("attribute 'blocksize' (>= 1) is required")
+        if mode not in ("DCR", "CRD"):
+            n.fail(f"mode={mode!r} is not supported (DCR, CRD)")
+        return G.DepthToSpace(blocksize, mode, inverse)
+
+    return convert
+
+
+_MULTI_OUTPUT = frozenset({"Split"})
+
+
+_CONVERTERS: dict[str, tuple[Callable | None, frozenset]] = {
     name: (fn, frozenset(attrs))
     for name, fn, attrs in [
         ("Conv", _conv, ["auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"]),
@@ -756,8 +983,28 @@ _CONVERTERS: dict[str, tuple[Callable, frozenset]] = {
         ("GlobalMaxPool", lambda n: G.GlobalPool("Max"), []),
         ("Relu", lambda n: G.relu(), []),
         ("LeakyRelu", lambda n: G.leaky_relu(float(n.attr("alpha", "float", 0.01))), ["alpha"]),
-        ("Sigmoid", lambda n: G.Sigmoid(), []),
-        ("Tanh", lambda n: G.Tanh(), []),
+        *((kind, _unary(kind), list(attrs)) for kind, attrs in _UNARY_ATTRS.items()),
+        ("Cast", _cast, ["to", "saturate"]),
+        ("PRelu", _prelu, []),
+        ("Pow", _broadcasting(G.Pow), []),
+        *(
+            (kind, _broadcasting(functools.partial(G.Variadic, kind)), [])
+            for kind in ("Sum", "Mean", "Max", "Min")
+        ),
+        ("Pad", _pad, ["mode", "pads", "value"]),
+        ("Slice", _slice, ["starts", "ends", "axes"]),
+        ("Split", _split, ["axis", "split", "num_outputs"]),
+        ("Tile", lambda n: G.Tile(), []),
+        ("Expand", lambda n: G.Expand(), []),
+        ("ConstantOfShape", _constant_of_shape, ["value"]),
+        ("LRN", _lrn, ["size", "alpha", "beta", "bias"]),
+        ("InstanceNormalization", _instance_norm, ["epsilon"]),
+        *(
+            (kind, _reduce(kind), ["axes", "keepdims", "noop_with_empty_axes"])
+            for kind in ("ReduceSum", "ReduceMean", "ReduceMax")
+        ),
+        ("DepthToSpace", _depth_to_space(False), ["blocksize", "mode"]),
+        ("SpaceToDepth", _depth_to_space(True), ["blocksize"]),
         ("Clip", _clip, ["min", "max"]),
         ("Gemm", _gemm, ["alpha", "beta", "transA", "transB"]),
         ("MatMul", _matmul, []),
@@ -890,8 +1137,10 @@ def _graph_to_proto(onnx, graph: Graph):
 class _Exporter:
     def __init__(self, onnx, opset: int):
         self.onnx, self.helper, self.opset = onnx, onnx.helper, opset
-        self.nodes, self.initializers = [], []
-        self.value, self.rank, self.count = "input", None, 0
+        self.nodes: list = []
+        self.initializers: list = []
+        self.value, self.count = "input", 0
+        self.rank = 0  # the current value's, set by export
 
     def export(self, model, input_shape):
         layers = list(_leaves(model, ""))

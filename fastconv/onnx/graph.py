@@ -7,11 +7,12 @@
 
 Each node holds an `Op`: `forward(*inputs)` returns the node's output and keeps what
 `backward(grad_output, needs)` needs; backward returns one gradient (or None) per input,
-computing only those `needs` asks for. Inputs are values by name: the graph's inputs, the
+computing only those `needs` asks for. A multi-output op (Split) returns a tuple of outputs, and
+its backward gets a list of their gradients (None for an output nothing used). Inputs are values by name: the graph's inputs, the
 outputs of earlier nodes, parameters (trained: their gradients accumulate in `.grad`), buffers
 (saved in the state dict, never trained) and constants. Convolution and pooling go through
-fastconv.functional and ReLU/LeakyReLU through fastconv.nn; the rest is a few NumPy lines
-each that keep the input's dtype.
+fastconv.functional (1-D ones as 2-D with a height of 1) and ReLU/LeakyReLU through
+fastconv.nn; the rest is a few NumPy lines each that keep the input's dtype.
 
 The ops compute the inference form of every operation, in train() as in eval():
 BatchNormalization normalises with its stored statistics, Dropout passes its input through.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -285,23 +286,150 @@ def leaky_relu(alpha: float) -> Layer:
     return Layer(LeakyReLU(alpha))
 
 
-class Sigmoid(Op):
+class Unary(Op):
+    """One of the element-wise functions in UNARY, with its attributes (Elu's alpha...)."""
+
+    def __init__(self, kind: str, **attrs: float):
+        self.kind, self.attrs = kind, attrs
+
     def forward(self, x):
-        e = np.exp(-np.abs(x))  # never overflows
-        self._y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+        fn, _ = UNARY[self.kind]
+        self._x = x
+        self._y = np.asarray(fn(x, **{k: x.dtype.type(v) for k, v in self.attrs.items()}), x.dtype)
         return self._y
 
     def backward(self, grad, needs):
-        return (grad * (self._y * (1 - self._y)),)
+        _, derivative = UNARY[self.kind]
+        x = self._x
+        return (
+            grad * derivative(x, self._y, **{k: x.dtype.type(v) for k, v in self.attrs.items()}),
+        )
 
 
-class Tanh(Op):
+def _sigmoid(x):
+    e = np.exp(-np.abs(x))  # never overflows
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _elu(x, alpha):
+    return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+
+
+# name: (f(x, **attrs), f'(x, f(x), **attrs)), torch's conventions at the kinks
+UNARY: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "Neg": (np.negative, lambda x, y: -np.ones_like(x)),
+    "Abs": (np.abs, lambda x, y: np.sign(x)),
+    "Sqrt": (np.sqrt, lambda x, y: 0.5 / y),
+    "Exp": (np.exp, lambda x, y: y),
+    "Log": (np.log, lambda x, y: 1 / x),
+    "Reciprocal": (np.reciprocal, lambda x, y: -y * y),
+    "Sigmoid": (_sigmoid, lambda x, y: y * (1 - y)),
+    "Tanh": (np.tanh, lambda x, y: 1 - y * y),
+    "Elu": (_elu, lambda x, y, alpha: np.where(x > 0, 1, y + alpha)),
+    "Selu": (
+        lambda x, alpha, gamma: gamma * _elu(x, alpha),
+        lambda x, y, alpha, gamma: np.where(x > 0, gamma, y + gamma * alpha),
+    ),
+    "Softplus": (lambda x: np.logaddexp(0, x), lambda x, y: _sigmoid(x)),
+    "Softsign": (lambda x: x / (1 + np.abs(x)), lambda x, y: 1 / np.square(1 + np.abs(x))),
+    "HardSigmoid": (
+        lambda x, alpha, beta: np.clip(alpha * x + beta, 0, 1),
+        lambda x, y, alpha, beta: np.where((y > 0) & (y < 1), alpha, 0),
+    ),
+    "HardSwish": (
+        lambda x: x * np.clip(x + 3, 0, 6) / 6,
+        lambda x, y: np.where(x < -3, 0, np.where(x > 3, 1, (2 * x + 3) / 6)),
+    ),
+}
+
+
+class Cast(Op):
+    """To another dtype; a gradient flows back between floating-point dtypes only."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+
     def forward(self, x):
-        self._y = np.tanh(x)
+        self._dtype = x.dtype
+        return x.astype(self.dtype)
+
+    def backward(self, grad, needs):
+        return (grad.astype(self._dtype) if self._dtype.kind == "f" else None,)
+
+
+class PRelu(Op):
+    """x where x >= 0, slope * x below; the slope broadcasts to x (per channel: (C, 1, 1))."""
+
+    differentiable = (0, 1)
+
+    def forward(self, x, slope):
+        self._x, self._slope = x, slope
+        return np.where(x < 0, slope * x, x)
+
+    def backward(self, grad, needs):
+        negative = self._x < 0
+        gx = grad * np.where(negative, self._slope, 1).astype(grad.dtype) if needs[0] else None
+        gs = unbroadcast(grad * self._x * negative, self._slope.shape) if needs[1] else None
+        return gx, gs
+
+
+class Pow(Op):
+    """a ** b, broadcasting; the result has a's dtype (ONNX's rule, b may be an integer)."""
+
+    differentiable = (0, 1)
+
+    def forward(self, a, b):
+        self._a, self._b = a, b
+        self._y = np.power(a, b.astype(a.dtype) if a.dtype.kind == "f" else b).astype(a.dtype)
         return self._y
 
     def backward(self, grad, needs):
-        return (grad * (1 - self._y * self._y),)
+        a, b = self._a, self._b.astype(self._a.dtype)
+        ga = gb = None
+        if needs[0]:
+            ga = unbroadcast(grad * b * np.power(a, b - 1), a.shape)
+        if needs[1]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_a = np.where(a > 0, np.log(np.where(a > 0, a, 1)), 0)
+            gb = unbroadcast(grad * self._y * log_a, self._b.shape).astype(self._b.dtype)
+        return ga, gb
+
+
+class Variadic(Op):
+    """Sum, Mean, Max, Min of any number of inputs, broadcasting. Max/Min split the gradient
+    evenly between inputs that tie, as torch.maximum does."""
+
+    differentiable = None
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def forward(self, *xs):
+        self._shapes = [x.shape for x in xs]
+        if self.kind in ("Sum", "Mean"):
+            out = xs[0]
+            for x in xs[1:]:
+                out = out + x
+            return out / out.dtype.type(len(xs)) if self.kind == "Mean" else out + 0
+        reduce = np.maximum if self.kind == "Max" else np.minimum
+        out = xs[0]
+        for x in xs[1:]:
+            out = reduce(out, x)
+        self._winners = [x == out for x in xs]
+        return out + 0  # a copy: never the input itself
+
+    def backward(self, grad, needs):
+        if self.kind == "Sum":
+            return [unbroadcast(grad, s) if need else None for s, need in zip(self._shapes, needs)]
+        if self.kind == "Mean":
+            g = grad / grad.dtype.type(len(self._shapes))
+            return [unbroadcast(g, s) if need else None for s, need in zip(self._shapes, needs)]
+        ties = sum(w.astype(grad.dtype) for w in self._winners)
+        share = grad / ties
+        return [
+            unbroadcast(share * w, s) if need else None
+            for w, s, need in zip(self._winners, self._shapes, needs)
+        ]
 
 
 class Clip(Op):
@@ -462,6 +590,105 @@ class BatchNorm(Op):
         )
         gbias = grad.sum(axis=axes) if needs[2] else None
         return gx, gscale, gbias, None, None
+
+
+def _channel_window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
+    """out[:, c] = sum of a[:, c - before : c + after + 1] (clipped to the channels)."""
+    c = a.shape[1]
+    padded = np.zeros((a.shape[0], c + before + after + 1, *a.shape[2:]), a.dtype)
+    np.cumsum(a, axis=1, out=padded[:, before + 1 : before + 1 + c])
+    padded[:, before + 1 + c :] = padded[:, before + c : before + c + 1]
+    return padded[:, before + after + 1 :] - padded[:, :c]
+
+
+class LRN(Op):
+    """Local response normalisation across channels (AlexNet, GoogLeNet):
+    y = x / (bias + alpha / size * sum over the window of x^2) ** beta."""
+
+    def __init__(self, size: int, alpha: float, beta: float, bias: float):
+        self.size, self.alpha, self.beta, self.bias = size, alpha, beta, bias
+
+    def _window(self) -> tuple[int, int]:
+        return (self.size - 1) // 2, self.size // 2  # ONNX: floor below, ceil above
+
+    def forward(self, x):
+        if x.ndim < 3:
+            raise ValueError(f"LRN: expected (N, C, ...) with spatial axes, got shape {x.shape}")
+        t = x.dtype.type
+        below, above = self._window()
+        self._x = x
+        self._s = t(self.bias) + t(self.alpha / self.size) * _channel_window_sum(
+            x * x, below, above
+        )
+        self._y = x * self._s ** t(-self.beta)
+        return self._y
+
+    def backward(self, grad, needs):
+        t = grad.dtype.type
+        below, above = self._window()
+        inner = grad * self._y / self._s  # g_i x_i s_i^(-beta-1)
+        spread = _channel_window_sum(inner, above, below)  # the windows that contain channel j
+        gx = grad * self._s ** t(-self.beta) - t(2 * self.alpha * self.beta / self.size) * (
+            self._x * spread
+        )
+        return (gx,)
+
+
+class InstanceNorm(Op):
+    """Each (sample, channel) normalised over its spatial axes, then scale * x + bias."""
+
+    differentiable = (0, 1, 2)
+
+    def __init__(self, epsilon: float):
+        self.epsilon = epsilon
+
+    def forward(self, x, scale, bias):
+        if x.ndim < 3 or scale.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
+            raise ValueError(
+                f"InstanceNormalization: scale {scale.shape} and bias {bias.shape} do not fit "
+                f"input {x.shape}"
+            )
+        axes = tuple(range(2, x.ndim))
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        centred = x - x.mean(axis=axes, keepdims=True)
+        self._invstd = 1 / np.sqrt(
+            (centred * centred).mean(axis=axes, keepdims=True) + x.dtype.type(self.epsilon)
+        )
+        self._xhat, self._scale, self._axes = centred * self._invstd, scale.reshape(shape), axes
+        return self._xhat * self._scale + bias.reshape(shape)
+
+    def backward(self, grad, needs):
+        axes, xhat = self._axes, self._xhat
+        gx = None
+        if needs[0]:
+            g = grad * self._scale
+            gx = self._invstd * (
+                g
+                - g.mean(axis=axes, keepdims=True)
+                - xhat * (g * xhat).mean(axis=axes, keepdims=True)
+            )
+        gscale = (grad * xhat).sum(axis=(0, *axes)) if needs[1] else None
+        gbias = grad.sum(axis=(0, *axes)) if needs[2] else None
+        return gx, gscale, gbias
+
+
+class OneD(Op):
+    """A 1-D Conv or pool (N, C, L) run as the 2-D op on (N, C, 1, L): the x and Conv's weight
+    get a height of 1, the output and gradients lose it."""
+
+    def __init__(self, inner: Op):
+        self.inner = inner
+        self.differentiable = inner.differentiable
+
+    def forward(self, x, *rest):
+        if x.ndim != 3:
+            raise ValueError(f"expected a 3-D input (N, C, L), got shape {x.shape}")
+        rest = tuple(r[:, :, None, :] if i == 0 else r for i, r in enumerate(rest))  # Conv's weight
+        return self.inner.forward(x[:, :, None, :], *rest)[:, :, 0, :]
+
+    def backward(self, grad, needs):
+        grads = self.inner.backward(grad[:, :, None, :], needs)
+        return [g if g is None or g.ndim != 4 else g[:, :, 0, :] for g in grads]
 
 
 # -- shapes ---------------------------------------------------------------------------------------
@@ -653,6 +880,240 @@ class Softmax(Op):
         return (gx.reshape(grad.shape),)
 
 
+def _pad_indices(size: int, before: int, after: int, mode: str) -> np.ndarray:
+    """For each output position along one axis, the input index it reads (-1: the constant).
+    Negative pads crop."""
+    p = np.arange(-before, size + after)
+    if mode == "constant":
+        return np.where((p >= 0) & (p < size), p, -1)
+    if mode == "edge" or size == 1:
+        return np.clip(p, 0, size - 1)
+    period = 2 * (size - 1)  # reflect: ... 2 1 | 0 1 2 ... n-1 | n-2 ...
+    q = np.mod(p, period)
+    return np.where(q < size, q, period - q)
+
+
+class Pad(Op):
+    """constant / reflect / edge padding (pads as ONNX's [x1_begin, x2_begin, ..., x1_end, ...],
+    from the attribute before opset 11, else the input); backward adds each output position's
+    gradient to the input position it copies."""
+
+    def __init__(self, mode: str = "constant", pads=None, value: float = 0.0):
+        self.mode, self.pads, self.value = mode, None if pads is None else tuple(pads), value
+
+    def forward(self, x, pads=None, value=None, axes=None):
+        pads = self.pads if pads is None else tuple(int(p) for p in np.asarray(pads).reshape(-1))
+        value = self.value if value is None else np.asarray(value).reshape(-1)[0]
+        rank = x.ndim
+        axes = range(rank) if axes is None else [int(a) % rank for a in np.asarray(axes)]
+        axes = list(axes)
+        if pads is None or len(pads) != 2 * len(axes):
+            raise ValueError(f"Pad: pads {pads} do not fit {len(axes)} axes of input {x.shape}")
+        self._shape, self._steps = x.shape, []
+        out = x
+        for i, axis in enumerate(axes):
+            before, after = pads[i], pads[i + len(axes)]
+            if before == after == 0:
+                continue
+            if self.mode == "reflect" and max(before, after) >= x.shape[axis] > 1:
+                raise ValueError(f"Pad: reflect pads {pads} reach past input {x.shape}")
+            if x.shape[axis] + before + after < 0 or (
+                self.mode != "constant" and x.shape[axis] == 0
+            ):
+                raise ValueError(f"Pad: pads {pads} do not fit input {x.shape}")
+            index = _pad_indices(out.shape[axis], before, after, self.mode)
+            inside = index >= 0
+            out = np.take(out, np.where(inside, index, 0), axis=axis)
+            if not inside.all():
+                where = [slice(None)] * rank
+                where[axis] = ~inside
+                out[tuple(where)] = value
+            self._steps.append((axis, index, inside))
+        return out if self._steps else x.copy()
+
+    def backward(self, grad, needs):
+        shape = list(grad.shape)
+        for axis, index, inside in reversed(self._steps):
+            shape[axis] = self._shape[axis]
+            gx = np.zeros(shape, grad.dtype)
+            np.add.at(np.moveaxis(gx, axis, 0), index[inside], np.moveaxis(grad, axis, 0)[inside])
+            grad = gx
+        return (grad,)
+
+
+class Slice(Op):
+    """Python slicing per axis (ONNX clamps starts and ends as Python does); attributes before
+    opset 10, else the inputs starts, ends, axes, steps."""
+
+    def __init__(self, starts=None, ends=None, axes=None):
+        self.starts, self.ends, self.axes = starts, ends, axes
+
+    def forward(self, x, starts=None, ends=None, axes=None, steps=None):
+        def ints(v, default):
+            return default if v is None else [int(i) for i in np.asarray(v).reshape(-1)]
+
+        starts, ends = ints(starts, self.starts), ints(ends, self.ends)
+        axes = ints(axes, self.axes) or list(range(len(starts)))
+        steps = ints(steps, [1] * len(starts))
+        if not len(starts) == len(ends) == len(axes) == len(steps) or 0 in steps:
+            raise ValueError(
+                f"Slice: starts {starts}, ends {ends}, axes {axes}, steps {steps} do not match"
+            )
+        where = [slice(None)] * x.ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            if not -x.ndim <= axis < x.ndim:
+                raise ValueError(f"Slice: axis {axis} out of range for input {x.shape}")
+            where[axis] = slice(start, end, step)
+        self._shape, self._where = x.shape, tuple(where)
+        return x[self._where].copy()
+
+    def backward(self, grad, needs):
+        gx = np.zeros(self._shape, grad.dtype)
+        gx[self._where] = grad
+        return (gx,)
+
+
+class Split(Op):
+    """Along `axis` into parts of the given sizes (attribute before opset 13, else the input),
+    or `outputs` equal parts (the last one smaller when the size does not divide)."""
+
+    def __init__(self, axis: int, outputs: int, split=None):
+        self.axis, self.outputs, self.split = axis, outputs, split
+
+    def forward(self, x, split=None):
+        size = x.shape[self.axis]
+        sizes = self.split if split is None else [int(s) for s in np.asarray(split).reshape(-1)]
+        if sizes is None:
+            part = -(-size // self.outputs)
+            sizes = [min(part, size - i * part) for i in range(self.outputs)]
+        if len(sizes) != self.outputs or sum(sizes) != size or min(sizes) < 0:
+            raise ValueError(
+                f"Split: sizes {list(sizes)} do not split axis {self.axis} of input {x.shape} "
+                f"into {self.outputs} parts"
+            )
+        self._shape, self._sizes = x.shape, sizes
+        return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=self.axis))
+
+    def backward(self, grads, needs):
+        parts = []
+        for g, s in zip(grads, self._sizes):
+            if g is None:
+                shape = list(self._shape)
+                shape[self.axis] = s
+                g = np.zeros(shape, next(g for g in grads if g is not None).dtype)
+            parts.append(g)
+        return (np.concatenate(parts, axis=self.axis),)
+
+
+class Tile(Op):
+    def forward(self, x, repeats):
+        self._shape, self._repeats = x.shape, [int(r) for r in np.asarray(repeats).reshape(-1)]
+        if len(self._repeats) != x.ndim or min(self._repeats, default=0) < 0:
+            raise ValueError(f"Tile: repeats {self._repeats} do not fit input {x.shape}")
+        return np.tile(x, self._repeats)
+
+    def backward(self, grad, needs):
+        split = [d for r, s in zip(self._repeats, self._shape) for d in (r, s)]
+        return (grad.reshape(split).sum(axis=tuple(range(0, len(split), 2))),)
+
+
+class Expand(Op):
+    """np.broadcast_to the shape input, broadcasting both ways (as ONNX)."""
+
+    def forward(self, x, shape):
+        self._shape = x.shape
+        target = [int(s) for s in np.asarray(shape).reshape(-1)]
+        try:
+            out_shape = np.broadcast_shapes(x.shape, tuple(target))
+        except ValueError:
+            raise ValueError(f"Expand: input {x.shape} does not broadcast to {target}") from None
+        return np.broadcast_to(x, out_shape).copy()
+
+    def backward(self, grad, needs):
+        return (unbroadcast(grad, self._shape),)
+
+
+class ConstantOfShape(Op):
+    differentiable = ()
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+    def forward(self, shape):
+        return np.full([int(s) for s in np.asarray(shape).reshape(-1)], self.value.reshape(-1)[0])
+
+
+class Reduce(Op):
+    """ReduceSum / ReduceMean / ReduceMax over `axes` (attribute or input by opset; none: all
+    axes, or none at all with noop_with_empty_axes). Max splits the gradient between ties."""
+
+    def __init__(self, kind: str, keepdims: bool, axes=None, noop: bool = False):
+        self.kind, self.keepdims, self.axes, self.noop = kind, keepdims, axes, noop
+
+    def forward(self, x, axes=None):
+        axes = self.axes if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+        if not axes:
+            if self.noop:
+                self._axes = ()
+                return x.copy()
+            axes = list(range(x.ndim))
+        if any(not -x.ndim <= a < x.ndim for a in axes):
+            raise ValueError(f"{self.kind}: axes {list(axes)} out of range for input {x.shape}")
+        self._axes, self._x = tuple(sorted(a % x.ndim for a in axes)), x
+        fn = {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceMax": np.max}[self.kind]
+        self._y = fn(x, axis=self._axes, keepdims=True)
+        return (
+            self._y
+            if self.keepdims
+            else self._y.reshape([s for i, s in enumerate(x.shape) if i not in self._axes])
+        )
+
+    def backward(self, grad, needs):
+        if not self._axes:
+            return (grad,)
+        x = self._x
+        g = grad.reshape(self._y.shape)
+        if self.kind == "ReduceSum":
+            return (np.broadcast_to(g, x.shape).copy(),)
+        if self.kind == "ReduceMean":
+            count = math.prod(x.shape[a] for a in self._axes)
+            return (np.broadcast_to(g / g.dtype.type(count), x.shape).copy(),)
+        winners = (x == self._y).astype(grad.dtype)
+        return (winners * (g / winners.sum(axis=self._axes, keepdims=True)),)
+
+
+class DepthToSpace(Op):
+    """DepthToSpace (DCR or CRD order) and SpaceToDepth: a reshape, a transpose, a reshape."""
+
+    def __init__(self, blocksize: int, mode: str = "DCR", inverse: bool = False):
+        self.blocksize, self.mode, self.inverse = blocksize, mode, inverse
+
+    def forward(self, x):
+        _check_4d("SpaceToDepth" if self.inverse else "DepthToSpace", x)
+        n, c, h, w = x.shape
+        b = self.blocksize
+        if self.inverse:
+            if h % b or w % b:
+                raise ValueError(f"SpaceToDepth: blocksize {b} does not divide {h}x{w}")
+            split, perm = (n, c, h // b, b, w // b, b), (0, 3, 5, 1, 2, 4)
+            out = (n, c * b * b, h // b, w // b)
+        else:
+            if c % (b * b):
+                raise ValueError(f"DepthToSpace: {c} channels not divisible by blocksize {b}^2")
+            if self.mode == "DCR":
+                split, perm = (n, b, b, c // (b * b), h, w), (0, 3, 4, 1, 5, 2)
+            else:
+                split, perm = (n, c // (b * b), b, b, h, w), (0, 1, 4, 2, 5, 3)
+            out = (n, c // (b * b), h * b, w * b)
+        self._shape, self._split, self._perm = x.shape, split, perm
+        return x.reshape(split).transpose(perm).reshape(out)
+
+    def backward(self, grad, needs):
+        moved = tuple(self._split[p] for p in self._perm)
+        back = grad.reshape(moved).transpose(np.argsort(self._perm))
+        return (back.reshape(self._shape),)
+
+
 # -- the graph ------------------------------------------------------------------------------------
 
 
@@ -663,6 +1124,11 @@ class Node:
     op: Op
     inputs: tuple[str, ...]  # "" marks an optional input left out
     output: str
+    more_outputs: tuple[str, ...] = ()  # a multi-output op's (Split's) others
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output, *self.more_outputs)
 
 
 @dataclass
@@ -705,7 +1171,7 @@ class Graph(Module):
         self._constants = dict(constants or {})
         self.needs_input_grad = needs_input_grad
         self.meta: dict = {}  # what the model file says about its inputs and outputs (classes...)
-        self.source = None  # set by fastconv.onnx.load: what fastconv.onnx.save writes back
+        self.source: Any = None  # set by fastconv.onnx.load: what fastconv.onnx.save writes back
         self._check()
 
     def _check(self) -> None:
@@ -718,7 +1184,7 @@ class Graph(Module):
                     f"node {node.name!r} ({node.op_type}): input(s) {missing} are not "
                     "graph inputs, parameters, buffers, constants or earlier outputs"
                 )
-            known.add(node.output)
+            known.update(node.outputs)
         missing = [n for n in self.outputs if n not in known]
         if missing:
             raise ValueError(f"graph output(s) {missing} are computed by no node")
@@ -740,7 +1206,11 @@ class Graph(Module):
             while args and args[-1] is None:  # trailing optional inputs left out
                 args.pop()
             try:
-                values[node.output] = np.asarray(node.op.forward(*args))
+                result = node.op.forward(*args)
+                if node.more_outputs:
+                    values.update(zip(node.outputs, map(np.asarray, result)))
+                else:
+                    values[node.output] = np.asarray(result)
             except (ValueError, TypeError) as err:
                 kind = TypeError if isinstance(err, TypeError) else ValueError
                 raise kind(f"node {node.name!r} ({node.op_type}): {err}") from err
@@ -768,7 +1238,7 @@ class Graph(Module):
             needed.update(i.name for i in self.inputs if i.dtype.kind == "f")
         for node in self.nodes:
             if any(n in needed and node.op.is_differentiable(i) for i, n in enumerate(node.inputs)):
-                needed.add(node.output)
+                needed.update(node.outputs)
         return needed
 
     def backward(self, *grad_outputs: np.ndarray | None):
@@ -780,13 +1250,14 @@ class Graph(Module):
             )
         needed = self._requiring_grad()
         grads: dict[str, np.ndarray] = {}
-        for name, grad in zip(self.outputs, grad_outputs):
-            if grad is not None and name in needed:
-                _add(grads, name, np.asarray(grad))
+        for name, given in zip(self.outputs, grad_outputs):
+            if given is not None and name in needed:
+                _add(grads, name, np.asarray(given))
         for node in reversed(self.nodes):
-            grad = grads.pop(node.output, None)
-            if grad is None:
+            out_grads = [grads.pop(n, None) for n in node.outputs]
+            if all(g is None for g in out_grads):
                 continue
+            grad: Any = out_grads if node.more_outputs else out_grads[0]  # multi-output: the list
             needs = [
                 bool(n) and n in needed and node.op.is_differentiable(i)
                 for i, n in enumerate(node.inputs)
@@ -845,7 +1316,8 @@ class Graph(Module):
 
     def __repr__(self) -> str:
         lines = [
-            f"{n.name or '?'} ({n.op_type}): {', '.join(i or '-' for i in n.inputs)} -> {n.output}"
+            f"{n.name or '?'} ({n.op_type}): {', '.join(i or '-' for i in n.inputs)} "
+            f"-> {', '.join(n.outputs)}"
             for n in self.nodes
         ]
         return f"Graph({self.extra_repr()}\n  " + "\n  ".join(lines) + "\n)"
