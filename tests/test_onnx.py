@@ -405,6 +405,31 @@ CASES = [
     Case("DepthToSpace", {"x": (2, 18, 2, 3)}, dict(blocksize=3, mode="CRD")),
     Case("DepthToSpace", {"x": (2, 8, 3, 4)}, dict(blocksize=2), opset=9),
     Case("SpaceToDepth", {"x": (2, 3, 4, 6)}, dict(blocksize=2)),
+    # ConvTranspose (fastconv.conv_transpose2d): strides, pads (asymmetric too), output_padding,
+    # dilations, groups, 1-D
+    Case(
+        "ConvTranspose",
+        {"x": (2, 3, 5, 4), "w": W(3, 4, 3, 3), "b": W(4)},
+        dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+    ),
+    Case("ConvTranspose", {"x": (2, 3, 5, 4), "w": W(3, 2, 3, 2)}, dict(pads=[0, 1, 2, 0])),
+    Case(
+        "ConvTranspose",
+        {"x": (1, 4, 5, 5), "w": W(4, 3, 3, 2), "b": W(6)},
+        dict(dilations=[2, 1], group=2, strides=[1, 2], pads=[2, 0, 1, 1], output_padding=[0, 1]),
+    ),
+    Case(
+        "ConvTranspose",
+        {"x": (2, 3, 4, 4), "w": W(3, 1, 4, 4), "b": W(3)},
+        dict(group=3, strides=[2, 2], pads=[1, 1, 1, 1]),
+        opset=9,
+    ),
+    Case("ConvTranspose", {"x": (2, 2, 3, 4), "w": W(2, 3, 2, 2)}, dict(auto_pad="VALID")),
+    Case(
+        "ConvTranspose",
+        {"x": (2, 3, 7), "w": W(3, 2, 3), "b": W(2)},
+        dict(strides=[2], pads=[1, 0], output_padding=[1]),
+    ),
     # 1-D Conv and pools, on the 2-D kernels with a height of 1
     Case("Conv", {"x": (2, 3, 9), "w": W(4, 3, 3), "b": W(4)}, dict(pads=[1, 2], strides=[2])),
     Case("Conv", {"x": (2, 4, 11), "w": W(6, 2, 3)}, dict(dilations=[2], group=2), opset=9),
@@ -710,7 +735,15 @@ def torch_models(torch):
         tnn.Dropout(0.2),
         tnn.Linear(32, 10),
     )
+    decoder = tnn.Sequential(
+        tnn.Conv2d(3, 8, 3, 2, 1),
+        tnn.ReLU(),
+        tnn.ConvTranspose2d(8, 4, 3, 2, 1, output_padding=1),
+        tnn.ReLU(),
+        tnn.ConvTranspose2d(4, 6, 3, 1, 2, groups=2, dilation=2, bias=False),
+    )
     return {
+        "decoder": (decoder, (3, 12, 12)),
         "lenet": (LeNet(), (1, 28, 28)),
         "resnet": (ResNet(), (3, 16, 16)),
         "mobilenet": (mobile, (3, 24, 24)),
@@ -763,6 +796,8 @@ def export(torch, model, shape, opset=17, fold=True) -> bytes:
         ("mobilenet", 7, False),
         ("mobilenet", 12, True),
         ("mobilenet", 17, False),
+        ("decoder", 9, True),
+        ("decoder", 17, False),
     ],
 )
 def test_torch_exported_models_match_onnxruntime(torch, name, opset, fold):
@@ -909,6 +944,24 @@ def test_export_round_trip(tmp_path):
     assert_close(loaded(x), expected, RTOL)
     # the batch dimension is dynamic
     assert onnxruntime_outputs(path.read_bytes(), {"input": x[:1]})[0].shape == (1, 5)
+
+
+def test_conv_transpose_export_round_trip():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, rng=0),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, rng=1),
+        nn.ConvTranspose2d(6, 3, (2, 3), dilation=(1, 2), bias=False, rng=2),
+    ).eval()
+    buffer = io.BytesIO()
+    fo.save(model, buffer)
+    x = np.random.default_rng(7).standard_normal((2, 2, 9, 8)).astype(np.float32)
+    (from_ort,) = onnxruntime_outputs(buffer.getvalue(), {"input": x})
+    assert_close(from_ort, model(x), RTOL)
+    loaded = fo.load(buffer.getvalue())
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value, err_msg=key)
+    assert_close(loaded(x), from_ort, RTOL)
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet"])
@@ -1159,6 +1212,20 @@ def test_unsupported_values_are_refused_at_load():
             {},
             11,
             "'sp' \\(Split\\).*split=\\[1, 1, 1\\] does not give 2",
+        ),
+        (
+            helper.make_node(
+                "ConvTranspose", ["x", "w"], ["y"], name="ct", auto_pad="SAME_UPPER", strides=[2, 2]
+            ),
+            {"w": W(3, 2, 3, 3)},
+            17,
+            "'ct' \\(ConvTranspose\\).*auto_pad=SAME_UPPER",
+        ),
+        (
+            helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="ct", output_shape=[9, 9]),
+            {"w": W(3, 2, 3, 3)},
+            17,
+            "'ct' \\(ConvTranspose\\).*output_shape",
         ),
     ]
     for node, inits, opset, message in cases:

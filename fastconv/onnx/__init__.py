@@ -508,11 +508,11 @@ class _NodeReader:
             self.fail(str(err))
         return result if isinstance(result, tuple) else np.asarray(result)
 
-    def pair(self, name: str, default, minimum: int) -> tuple[int, int]:
-        """A 2-D window attribute; a 1-D node's single value gets a height of 1 before it."""
+    def pair(self, name: str, default, minimum: int, height: int = 1) -> tuple[int, int]:
+        """A 2-D window attribute; a 1-D node's single value gets `height` before it."""
         value = self.attr(name, "ints", default)
         if value is not None and self.spatial == 1 and name in self.attrs:
-            value = (1, *value) if len(value) == 1 else (-1,)  # (-1,): refused below
+            value = (height, *value) if len(value) == 1 else (-1,)  # (-1,): refused below
         if value is None or len(value) != 2:
             self.fail(
                 f"attribute {name}={list(value) if value else value}: only 1-D and 2-D windows "
@@ -559,8 +559,10 @@ def _one_d(n: _NodeReader, op: G.Op) -> G.Op:
     return G.OneD(op) if n.spatial == 1 else op
 
 
-def _conv(n: _NodeReader):
-    x, w, b = n.shape(0), n.shape(1), n.shape(2)
+def _conv_attrs(n: _NodeReader) -> tuple:
+    """Conv's and ConvTranspose's kernel (from the attribute or the weight), window attributes
+    and group, for 1-D (given a height of 1) or 2-D nodes."""
+    x, w = n.shape(0), n.shape(1)
     kernel = n.attr("kernel_shape", "ints")
     if not n.spatial_rank(_rank(w), _rank(x), _rank(kernel, 0)):
         n.fail(
@@ -574,10 +576,38 @@ def _conv(n: _NodeReader):
             n.fail("the kernel size is unknown: give kernel_shape or a weight of known shape")
         kernel = tuple(w[2:])
     kernel = (1, *kernel) if n.spatial == 1 else kernel
-    strides, dilations, pads, auto_pad = _window_attrs(n)
     group = n.attr("group", "int", 1)
     if group < 1:
         n.fail(f"group={group} must be >= 1")
+    return kernel, _window_attrs(n), group
+
+
+def _conv_transpose(n: _NodeReader):
+    x, w, b = n.shape(0), n.shape(1), n.shape(2)
+    _, (strides, dilations, pads, auto_pad), group = _conv_attrs(n)
+    if auto_pad.startswith("SAME"):
+        n.fail(f"auto_pad={auto_pad} is not supported: give pads (or auto_pad=VALID)")
+    if n.has("output_shape"):
+        n.fail("attribute 'output_shape' is not supported: give pads and output_padding")
+    output_padding = n.pair("output_padding", (0, 0), 0, height=0)
+    if any(p >= max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
+        n.fail(
+            f"output_padding={list(output_padding)} must be smaller than the stride or the "
+            f"dilation ({list(strides)}, {list(dilations)})"
+        )
+    if w is not None and w[0] is not None:
+        if w[0] % group:
+            n.fail(f"the weight's {w[0]} input channels are not divisible by group={group}")
+        if x is not None and x[1] is not None and x[1] != w[0]:
+            n.fail(f"input with {x[1]} channels does not fit weight {_dims(w)}")
+        if b is not None and w[1] is not None and tuple(b) != (w[1] * group,):
+            n.fail(f"bias of shape {_dims(b)} does not fit {w[1] * group} output channels")
+    return _one_d(n, G.ConvTranspose(strides, dilations, pads, output_padding, group))
+
+
+def _conv(n: _NodeReader):
+    x, w, b = n.shape(0), n.shape(1), n.shape(2)
+    kernel, (strides, dilations, pads, auto_pad), group = _conv_attrs(n)
     if w is not None and w[0] is not None:
         if w[0] % group:
             n.fail(f"the weight's {w[0]} output channels are not divisible by group={group}")
@@ -954,6 +984,20 @@ _CONVERTERS: dict[str, tuple[Callable | None, frozenset]] = {
     for name, fn, attrs in [
         ("Conv", _conv, ["auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"]),
         (
+            "ConvTranspose",
+            _conv_transpose,
+            [
+                "auto_pad",
+                "dilations",
+                "group",
+                "kernel_shape",
+                "output_padding",
+                "output_shape",
+                "pads",
+                "strides",
+            ],
+        ),
+        (
             "MaxPool",
             _pool("Max"),
             [
@@ -1080,7 +1124,7 @@ def save(
 ) -> None:
     """Write `model` as an ONNX file (a path, or a binary file object), checked with onnx.checker.
 
-    `model` is a fastconv.nn.Sequential of Conv2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU,
+    `model` is a fastconv.nn.Sequential of Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, ReLU, LeakyReLU,
     Flatten, Linear, Dropout (left out: the file is the inference form), BatchNorm1d/2d (with
     their running statistics), nested Sequentials; or a Graph from `load`, written back with
     its current weights. The batch dimension is dynamic ("N"); `input_shape` (without the batch,
@@ -1152,7 +1196,7 @@ class _Exporter:
         )
         if input_shape is not None:
             dims = ["N", *(int(d) for d in input_shape)]
-        elif isinstance(first, nn.Conv2d):
+        elif isinstance(first, (nn.Conv2d, nn.ConvTranspose2d)):
             dims = ["N", first.in_channels, "H", "W"]
         elif isinstance(first, nn.Linear):
             dims = ["N", first.in_features]
@@ -1199,24 +1243,35 @@ class _Exporter:
         self.initializers.append(self.onnx.numpy_helper.from_array(_contiguous(array), name))
         return name
 
+    def _weight_and_bias(self, prefix: str, layer) -> list[str]:
+        names = [self._tensor(prefix + "weight", layer.weight.data)]
+        if layer.bias is not None:
+            names.append(self._tensor(prefix + "bias", layer.bias.data))
+        return names
+
     def _layer(self, key: str, layer) -> None:
         prefix = f"{key}." if key else ""
-        if isinstance(layer, nn.Conv2d):
-            t, b, lft, r = conv_padding(
-                layer.padding, layer.kernel_size, layer.stride, layer.dilation
-            )
-            inputs = [self._tensor(prefix + "weight", layer.weight.data)]
-            if layer.bias is not None:
-                inputs.append(self._tensor(prefix + "bias", layer.bias.data))
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            if isinstance(layer, nn.Conv2d):
+                t, b, lft, r = conv_padding(
+                    layer.padding, layer.kernel_size, layer.stride, layer.dilation
+                )
+                op_type, geometry = "Conv", {"pads": [t, lft, b, r]}
+            else:
+                op_type = "ConvTranspose"
+                geometry = {
+                    "pads": list(layer.padding) * 2,
+                    "output_padding": list(layer.output_padding),
+                }
             self._node(
                 key,
-                "Conv",
-                inputs,
+                op_type,
+                self._weight_and_bias(prefix, layer),
                 kernel_shape=list(layer.kernel_size),
                 strides=list(layer.stride),
-                pads=[t, lft, b, r],
                 dilations=list(layer.dilation),
                 group=layer.groups,
+                **geometry,
             )
         elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
             pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731

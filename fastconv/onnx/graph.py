@@ -141,6 +141,53 @@ class Conv(_Windows, Op):
         return gx, gw, gb
 
 
+class ConvTranspose(Op):
+    """2-D transposed convolution (fastconv.functional.conv_transpose2d). Asymmetric pads run as
+    the symmetric part, then the extra rows/columns are cropped off the output."""
+
+    differentiable = (0, 1, 2)
+
+    def __init__(self, strides, dilations, pads, output_padding, group: int):
+        self.strides, self.dilations = tuple(strides), tuple(dilations)
+        self.pads, self.output_padding, self.group = tuple(pads), tuple(output_padding), group
+
+    def forward(self, x, weight, bias=None):
+        _check_4d("ConvTranspose", x)
+        t, lft, b, r = self.pads
+        self._sym = (min(t, b), min(lft, r))
+        self._extra = (t - self._sym[0], b - self._sym[0], lft - self._sym[1], r - self._sym[1])
+        self._x, self._weight, self._has_bias = x, weight, bias is not None
+        out = F.conv_transpose2d(
+            x,
+            weight,
+            bias,
+            self.strides,
+            self._sym,
+            self.output_padding,
+            self.group,
+            self.dilations,
+        )
+        e = self._extra
+        return out[:, :, e[0] : out.shape[2] - e[1], e[2] : out.shape[3] - e[3]] if any(e) else out
+
+    def backward(self, grad, needs):
+        if any(self._extra):
+            e = self._extra
+            grad = np.pad(grad, ((0, 0), (0, 0), (e[0], e[1]), (e[2], e[3])))
+        mask = (needs[0], needs[1], len(needs) > 2 and needs[2] and self._has_bias)
+        return F.conv_transpose2d_backward(
+            grad,
+            self._x,
+            self._weight,
+            self.strides,
+            self._sym,
+            self.output_padding,
+            self.group,
+            self.dilations,
+            output_mask=mask,
+        )
+
+
 def pool_output_size(size, kernel, stride, dilation, begin, end, ceil_mode) -> int:
     """onnxruntime's rule (torch's too): with ceil_mode the last window starts inside the input
     or its leading pad."""
