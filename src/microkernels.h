@@ -14,4 +14,7 @@ void rows_product(const float *a, const float *v, float *m, int64_t out_channels
 void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,
                      int64_t out_channels, int64_t taps, int64_t columns, int64_t ld);
 
+/* Which kernel the products run on this CPU, e.g. "AVX-512, 8x48 blocks". */
+const char *microkernel_isa(void);
+
 #endif

@@ -11,4 +11,22 @@
 #define FASTCONV_MULTIVERSION
 #endif
 
+/* Whether this CPU (and its OS) runs AVX-512 F/DQ/VL with FMA: the hand-written AVX-512 kernels
+ * are chosen at run time by it, the portable ones otherwise. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTCONV_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,fma")))
+static inline int cpu_has_avx512(void) {
+    static int known = -1; /* the CPU does not change: ask once */
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512vl") &&
+                __builtin_cpu_supports("fma");
+    }
+    return known;
+}
+#else
+static inline int cpu_has_avx512(void) { return 0; }
+#endif
+
 #endif

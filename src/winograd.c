@@ -63,8 +63,70 @@ static void advance(const WinogradGeometry *g, RowCursor *r) {
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* Image columns [lo, hi) of staged columns [first, first + 16), as a load mask. */
+static inline FASTCONV_AVX512 __mmask16 columns_mask(int64_t first, int64_t lo, int64_t hi) {
+    int64_t a = clamp64(lo - first, 0, 16), b = clamp64(hi - first, 0, 16);
+    return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+/* The input transform with both passes in registers, 8 slots at a time: per tile row and
+ * channel, masked loads of the four image rows (zeros outside the image, no staging copy),
+ * B^T d down the columns, then two permutes give each slot's columns 2q .. 2q + 3 and (B^T d) B
+ * is four adds. The portable version below stages every pass through memory, which made the
+ * transform cost as much as the products. Same values, slot for slot. */
+static FASTCONV_AVX512 void input_transform_avx512(const float *x, const WinogradGeometry *g,
+                                                   int64_t first_row, int64_t rows, float *v,
+                                                   int64_t ld) {
+    const int64_t span = row_span(g), per_row = g->tiles_w + 1;
+    const int64_t point_stride = g->channels * ld, plane_size = g->height * g->width;
+    const int64_t lo = clamp64(g->pad_w, 0, span), hi = clamp64(g->width + g->pad_w, lo, span);
+    /* lanes 0-7: columns 2q, lanes 8-15: 2q + 2 (of the 32 in A, B); odd: 2q + 1, 2q + 3 */
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 2, 4, 6, 8, 10, 12, 14, 16);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 3, 5, 7, 9, 11, 13, 15, 17);
+    for (int64_t c = 0; c < g->channels; c++) { /* a channel's 16 rows of v stream out */
+        RowCursor r = cursor_at(g, first_row);
+        for (int64_t lr = 0; lr < rows; lr++, advance(g, &r)) {
+            const float *plane = x + (r.image * g->channels + c) * plane_size;
+            const float *d[4];
+            for (int i = 0; i < 4; i++) {
+                int64_t y = 2 * r.tile_row - g->pad_h + i;
+                d[i] = y >= 0 && y < g->height ? plane + y * g->width - g->pad_w : NULL;
+            }
+            float *out = v + c * ld + lr * per_row;
+            for (int64_t q0 = 0; q0 < per_row; q0 += 8) {
+                const int64_t j0 = 2 * q0; /* staged columns j0 .. j0 + 31 */
+                const __mmask16 ma = columns_mask(j0, lo, hi), mb = columns_mask(j0 + 16, lo, hi);
+                __m512 a[4], b[4];
+                for (int i = 0; i < 4; i++) {
+                    a[i] = d[i] ? _mm512_maskz_loadu_ps(ma, d[i] + j0) : _mm512_setzero_ps();
+                    b[i] = d[i] ? _mm512_maskz_loadu_ps(mb, d[i] + j0 + 16) : _mm512_setzero_ps();
+                }
+                __m512 ta[4] = {a[0] - a[2], a[1] + a[2], a[2] - a[1], a[1] - a[3]};
+                __m512 tb[4] = {b[0] - b[2], b[1] + b[2], b[2] - b[1], b[1] - b[3]};
+                const __mmask8 keep = (__mmask8)(per_row - q0 >= 8 ? 0xff : (1u << (per_row - q0)) - 1);
+                for (int i = 0; i < 4; i++) {
+                    __m512 ae = _mm512_permutex2var_ps(ta[i], even, tb[i]);
+                    __m512 bf = _mm512_permutex2var_ps(ta[i], odd, tb[i]);
+                    __m256 s0 = _mm512_castps512_ps256(ae), s2 = _mm512_extractf32x8_ps(ae, 1);
+                    __m256 s1 = _mm512_castps512_ps256(bf), s3 = _mm512_extractf32x8_ps(bf, 1);
+                    float *p = out + (4 * i) * point_stride + q0;
+                    _mm256_mask_storeu_ps(p, keep, _mm256_sub_ps(s0, s2));
+                    _mm256_mask_storeu_ps(p + point_stride, keep, _mm256_add_ps(s1, s2));
+                    _mm256_mask_storeu_ps(p + 2 * point_stride, keep, _mm256_sub_ps(s2, s1));
+                    _mm256_mask_storeu_ps(p + 3 * point_stride, keep, _mm256_sub_ps(s1, s3));
+                }
+            }
+        }
+    }
+    zero_tail(v, 16 * g->channels, ld, winograd_slots(g, rows));
+}
+#endif
+
 FASTCONV_MULTIVERSION
-void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first_row,
+static void input_transform_generic(const float *x, const WinogradGeometry *g, int64_t first_row,
                               int64_t rows, float *v, int64_t ld, float *stage) {
     const int64_t span = row_span(g), slots = winograd_slots(g, rows);
     const int64_t point_stride = g->channels * ld, plane_size = g->height * g->width;
@@ -129,6 +191,17 @@ void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t
         }
     }
     zero_tail(v, 16 * g->channels, ld, slots);
+}
+
+void winograd_input_transform(const float *x, const WinogradGeometry *g, int64_t first_row,
+                              int64_t rows, float *v, int64_t ld, float *stage) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_has_avx512()) {
+        input_transform_avx512(x, g, first_row, rows, v, ld);
+        return;
+    }
+#endif
+    input_transform_generic(x, g, first_row, rows, v, ld, stage);
 }
 
 FASTCONV_MULTIVERSION
