@@ -36,6 +36,7 @@ from . import (
     io,
     models,
     plots,
+    preprocess,
     recipe,
     serve,
 )
@@ -294,11 +295,15 @@ def add_predict_parser(commands, threads) -> None:
         parents=[threads],
         help="classify image files",
         description="Classify PNG/JPEG/... images (any size or colour; dark-on-light or "
-        "light-on-dark) with a saved model. Each image is framed as the model's "
-        "training digits were (fastconv.preprocess). Prints one line per image: "
-        "'FILE: CLASS (PROBABILITY) ...', most probable first.",
+        "light-on-dark) with a saved model. For a model of one-channel square images each "
+        "image is framed as the model's training digits were (fastconv.preprocess); for any "
+        "other input (an ONNX ImageNet classifier: 3x224x224) it is scaled to cover the "
+        "model's height and width, centre-cropped, in RGB (or grey for one channel). Prints "
+        "one line per image: 'FILE: CLASS (PROBABILITY) ...', most probable first.",
     )
-    p.add_argument("model", metavar="MODEL", help="model file written by 'fastconv train'")
+    p.add_argument(
+        "model", metavar="MODEL", help="model file written by 'fastconv train', or an ONNX file"
+    )
     p.add_argument(
         "images",
         metavar="IMAGE",
@@ -311,6 +316,27 @@ def add_predict_parser(commands, threads) -> None:
         default=3,
         metavar="K",
         help="classes shown per image (default: 3)",
+    )
+    p.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        metavar="M",
+        help="normalise (pixel - M) / S, pixels on a 0..1 scale: one value, or one per channel "
+        "(default: the model file's, else 0)",
+    )
+    p.add_argument(
+        "--std", type=float, nargs="+", metavar="S", help="see --mean (default: the file's, else 1)"
+    )
+    p.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="ImageNet's normalisation: --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line (e.g. the ImageNet synsets of a model-zoo file)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
@@ -757,7 +783,18 @@ def _format_matrix(matrix) -> str:
 
 def cmd_predict(args) -> int:
     model, meta = inference.load_any_model(args.model)
-    image_input = inference.ImageInput.of(meta, str(args.model), use="predict")
+    mean, std = args.mean, args.std
+    if args.imagenet:
+        if mean is not None or std is not None:
+            raise UserError("--imagenet sets --mean and --std: give one or the other")
+        mean, std = preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD
+    if args.dask and (mean is not None or std is not None):
+        raise UserError("--mean, --std and --imagenet do not apply with --dask")
+    image_input = inference.ImageInput.of(
+        meta, str(args.model), use="predict", photos=not args.dask, mean=mean, std=std
+    )
+    if args.labels:
+        meta = {**meta, "classes": inference.read_labels(args.labels)}
     classes = meta.get("classes")
     files = inference.image_files(args.images)
     results, probabilities = [], None
@@ -771,6 +808,11 @@ def cmd_predict(args) -> int:
         if inputs is not None:
             probabilities = inference.predict_proba(model, inputs)
     if probabilities is not None and len(probabilities):
+        if args.labels and len(meta["classes"]) != probabilities.shape[1]:
+            raise UserError(
+                f"--labels {args.labels}: {len(meta['classes'])} names for a model of "
+                f"{probabilities.shape[1]} classes"
+            )
         classes = inference.class_names(meta, probabilities.shape[1])
         top = min(args.top, probabilities.shape[1])
         for name, probs in zip(names, probabilities):

@@ -40,41 +40,79 @@ def load_any_model(path) -> io.ModelFile:
 @dataclass(frozen=True)
 class ImageInput:
     """How a model wants its images: ``(channels, height, width)`` and the normalisation
-    ``(pixel - mean) / std``, as its file's metadata declares them (defaults above)."""
+    ``(pixel - mean) / std`` (one value, or one per channel), as its file's metadata declares
+    them (defaults above). A one-channel square input is framed as MNIST frames digits
+    (:func:`fastconv.preprocess.to_mnist_input`); with ``photo`` any other input is resized and
+    centre-cropped in colour or grey (:func:`fastconv.preprocess.to_photo_input`)."""
 
     shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE
-    mean: float = DEFAULT_MEAN
-    std: float = DEFAULT_STD
+    mean: float | tuple[float, ...] = DEFAULT_MEAN
+    std: float | tuple[float, ...] = DEFAULT_STD
+    photo: bool = False
 
     @classmethod
-    def of(cls, meta: dict, name: str = "model", use: str = "this command") -> ImageInput:
-        """From a model file's metadata; refuses (``ValueError`` naming ``use``) a model whose
-        input is not one-channel and square, the only images :mod:`fastconv.preprocess` frames."""
+    def of(
+        cls,
+        meta: dict,
+        name: str = "model",
+        use: str = "this command",
+        *,
+        photos: bool = False,
+        mean=None,
+        std=None,
+    ) -> ImageInput:
+        """From a model file's metadata, ``mean``/``std`` (a number or one per channel)
+        replacing the file's. Refuses (``ValueError`` naming ``use``) a model whose input is
+        not one-channel and square unless ``photos`` (the caller handles such inputs), and any
+        input that is not (1 or 3, H, W)."""
         shape = tuple(int(d) for d in (meta.get("input_shape") or DEFAULT_INPUT_SHAPE))
-        if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
-            raise ValueError(
-                f"{name}: {use} needs a one-channel square input, the model takes {list(shape)}"
-            )
-        return cls(
-            shape,
-            float(meta.get("mean", DEFAULT_MEAN)),
-            float(meta.get("std", DEFAULT_STD)),
-        )
+        digit = len(shape) == 3 and shape[0] == 1 and shape[1] == shape[2]
+        if not digit and not (photos and len(shape) == 3 and shape[0] in (1, 3)):
+            wanted = "a (1 or 3, H, W) image input" if photos else "a one-channel square input"
+            raise ValueError(f"{name}: {use} needs {wanted}, the model takes {list(shape)}")
+        mean = meta.get("mean", DEFAULT_MEAN) if mean is None else mean
+        std = meta.get("std", DEFAULT_STD) if std is None else std
+        values = [np.asarray(v, np.float64).reshape(-1) for v in (mean, std)]
+        for what, v in zip(("mean", "std"), values):
+            if v.size not in (1, shape[0]):
+                raise ValueError(
+                    f"{name}: {what} has {v.size} values, the model's input has {shape[0]} "
+                    "channel(s): give one value or one per channel"
+                )
+        m, sd = (float(v[0]) if v.size == 1 else tuple(float(x) for x in v) for v in values)
+        return cls((shape[0], shape[1], shape[2]), m, sd, photos and not digit)
 
     def frame(self, image) -> np.ndarray:
         """One image (anything :func:`fastconv.preprocess.to_mnist_input` takes) as a model
         input ``(C, H, W)``."""
-        return preprocess.to_mnist_input(image, size=self.shape[1], mean=self.mean, std=self.std)
+        if self.photo:
+            return preprocess.to_photo_input(image, self.shape, self.mean, self.std)
+        mean, std = (float(np.asarray(v).reshape(-1)[0]) for v in (self.mean, self.std))
+        return preprocess.to_mnist_input(image, size=self.shape[1], mean=mean, std=std)
 
     def pixels(self, x: np.ndarray) -> np.ndarray:
         """Model inputs back to the pixels they were, for pictures."""
-        return x * self.std + self.mean
+        if isinstance(self.mean, float) and isinstance(self.std, float):
+            return x * self.std + self.mean
+        mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in (self.mean, self.std))
+        return x * std + mean  # (C, H, W) or (N, C, H, W)
 
 
 def class_names(meta: dict, count: int) -> list[str]:
     """The model file's class names, else ``"0"``, ``"1"``, ... for ``count`` classes."""
     classes = meta.get("classes")
     return [str(c) for c in classes] if classes is not None else [str(i) for i in range(count)]
+
+
+def read_labels(path) -> list[str]:
+    """Class names from a text file, one per line (blank lines at the end ignored), as the
+    model zoo ships them (e.g. ImageNet's synset words)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path}: no class names in this file")
+    return [line.strip() for line in lines]
 
 
 def image_files(arguments) -> list[Path]:

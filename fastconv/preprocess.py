@@ -5,6 +5,8 @@ antialiased) and then placed in a 28x28 field with the centre of mass at the cen
 trained on them expects exactly that, so every image -- a file, uploaded bytes, a stream, a PIL
 image or an array -- goes through the same steps here: grey, polarity, crop, scale, centre,
 normalise. The CLI, the web server and batch inference all call :func:`to_mnist_input`.
+Models of photographs (an ImageNet classifier from ONNX) take :func:`to_photo_input` instead:
+resized and centre-cropped to their input size, in colour.
 
 Pillow is imported inside the functions that decode, so importing this module stays cheap.
 """
@@ -121,21 +123,63 @@ def _centre_of_mass(ink):
     return float(rows), float(cols)
 
 
+def to_photo_input(image, shape, mean=0.0, std=1.0):
+    """One image as a float32 ``(C, H, W)`` model input for a model trained on photographs
+    (ImageNet classifiers): RGB (C = 3) or grey (C = 1), scaled so that it covers H x W (aspect
+    kept, bilinear), centre-cropped to H x W, pixels on a 0..1 scale, then ``(x - mean) / std``
+    with one value, or one per channel (ImageNet's: ``IMAGENET_MEAN``, ``IMAGENET_STD``).
+
+    ``image`` is anything :func:`to_mnist_input` takes; arrays are uint8 or floats in [0, 1]."""
+    channels, height, width = (int(d) for d in shape)
+    if channels not in (1, 3) or height < 1 or width < 1:
+        raise ValueError(f"shape must be (1 or 3, H, W), got {tuple(shape)}")
+    mean, std = (np.asarray(v, np.float32).reshape(-1) for v in (mean, std))
+    for name, v in (("mean", mean), ("std", std)):
+        if v.size not in (1, channels):
+            raise ValueError(f"{name}: one value or {channels} (one per channel), got {v.size}")
+    if (std == 0).any():
+        raise ValueError("std must not be 0")
+    from PIL import Image
+
+    picture = _as_pil(image).convert("RGB" if channels == 3 else "L")
+    scale = max(height / picture.height, width / picture.width)
+    size = (max(width, round(picture.width * scale)), max(height, round(picture.height * scale)))
+    if size != picture.size:
+        picture = picture.resize(size, Image.Resampling.BILINEAR)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    picture = picture.crop((left, top, left + width, top + height))
+    x = (np.asarray(picture, np.float32) / 255).reshape(height, width, channels).transpose(2, 0, 1)
+    return ((x - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+# ImageNet's per-channel (RGB) statistics on the 0..1 scale, what torchvision's models take.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 def _as_gray(image):
     """Any supported input -> float32 (H, W) in [0, 1]."""
     if isinstance(image, np.ndarray):
         return _gray_from_array(image)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _gray_from_pil(_decode(io.BytesIO(image), f"{len(image)} bytes"))
-    if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:  # a missing file stays a FileNotFoundError
-            return _gray_from_pil(_decode(f, os.fspath(image)))
-    if hasattr(image, "read"):
-        return _gray_from_pil(_decode(image, "stream"))
+    return _gray_from_pil(_as_pil(image))
+
+
+def _as_pil(image):
+    """A path, bytes, stream, PIL image or array -> a decoded, upright PIL image."""
     from PIL import Image, ImageOps
 
+    if isinstance(image, np.ndarray):
+        _gray_from_array(image)  # the same checks: shape, dtype, range
+        pixels = image if image.dtype == np.uint8 else np.round(image * 255).astype(np.uint8)
+        return Image.fromarray(pixels)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(image), f"{len(image)} bytes")
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:  # a missing file stays a FileNotFoundError
+            return _decode(f, os.fspath(image))
+    if hasattr(image, "read"):
+        return _decode(image, "stream")
     if isinstance(image, Image.Image):  # as if decoded here: upright, as the file would be
-        return _gray_from_pil(ImageOps.exif_transpose(image))
+        return ImageOps.exif_transpose(image)
     raise TypeError(
         "image must be a path, bytes, a binary file-like object, a PIL.Image or a NumPy array, "
         f"got {type(image).__name__}"
