@@ -74,3 +74,17 @@ def test_distributed_report_with_two_ranks():
         pytest.skip("distributed.py needs mpiexec")
     out = script("distributed.py", "--steps", "1", "--repeat", "1", timeout=1800)
     assert "2 ranks x 1 thread" in out and "K machines like this one" in out
+
+
+def test_onnx_zoo_speed_runs_and_agrees(tmp_path):
+    for module in ("torch", "onnx", "onnxruntime"):
+        pytest.importorskip(module, reason=f"onnx_zoo_speed.py needs {module}")
+    out = tmp_path / "speed.json"
+    script(
+        "onnx_zoo_speed.py",
+        *("--models", "squeezenet1.1", "--batches", "1", "--repeats", "1", "--warmup", "0"),
+        *("--threads", "1", "--json", out),
+    )  # exits 1 when fastconv and onnxruntime disagree
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "squeezenet1.1" and row["fastconv_images_per_s"] > 0
+    assert row["relative_difference"] <= 1e-4
