@@ -1265,3 +1265,66 @@ def test_graph_is_a_module():
     model.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     assert "conv1 (Conv)" in repr(model)
+
+
+# -- the new operators against torch, forward and backward (torch autograd's input gradient) ------
+
+
+def _torch_cases(torch):
+    F = torch.nn.functional
+    slope = W(3, 1, 1)
+    scale, shift = W(3), W(3)
+    return [
+        ("Elu", {"alpha": 0.7}, {}, lambda x: F.elu(x, 0.7)),
+        ("Selu", {}, {}, F.selu),
+        ("Softplus", {}, {}, F.softplus),
+        ("Softsign", {}, {}, F.softsign),
+        ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}, {}, F.hardsigmoid),
+        ("HardSwish", {}, {}, F.hardswish),
+        ("Abs", {}, {}, torch.abs),
+        ("Neg", {}, {}, torch.neg),
+        ("Exp", {}, {}, torch.exp),
+        ("PRelu", {}, {"slope": slope}, lambda x: F.prelu(x, torch.from_numpy(slope.ravel()))),
+        *[
+            (
+                "Pad",
+                {"mode": mode},
+                {"pads": I64(0, 0, 2, 1, 0, 0, 1, 3)},
+                lambda x, m=torch_mode: F.pad(x, (1, 3, 2, 1), mode=m),
+            )
+            for mode, torch_mode in (("reflect", "reflect"), ("edge", "replicate"))
+        ],
+        (
+            "InstanceNormalization",
+            {"epsilon": 1e-5},
+            {"s": scale, "b": shift},
+            lambda x: F.instance_norm(
+                x, weight=torch.from_numpy(scale), bias=torch.from_numpy(shift)
+            ),
+        ),
+        ("LRN", {"size": 3, "alpha": 0.2}, {}, lambda x: F.local_response_norm(x, 3, 0.2)),
+        ("ReduceMean", {"axes": [2, 3]}, {}, lambda x: x.mean(dim=(2, 3), keepdim=True)),
+        ("ReduceMax", {"axes": [1], "keepdims": 0}, {}, lambda x: x.amax(dim=1)),
+        ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, {}, lambda x: F.pixel_shuffle(x, 2)),
+    ]
+
+
+def test_new_operators_match_torch_forward_and_backward(torch):
+    x = rand(np.random.default_rng(11), (2, 12, 5, 6))
+    for op, attrs, inits, reference in _torch_cases(torch):
+        xs = x[:, :3] if op in ("PRelu", "InstanceNormalization") else x
+        names = ["x", *inits]
+        node = helper.make_node(op, names, ["y"], **attrs)
+        opset = 13 if op.startswith("Reduce") else 17
+        t = torch.from_numpy(xs.copy()).requires_grad_()
+        expected = reference(t)
+        output = [("y", FLOAT, expected.ndim)]
+        data = model_proto([node], {"x": xs}, output, inits, opset).SerializeToString()
+        model = fo.load(data)
+        model.needs_input_grad = True
+        weights = np.random.default_rng(12).standard_normal(tuple(expected.shape))
+        weights = weights.astype(np.float32)
+        expected.backward(torch.from_numpy(weights))
+        actual = model(xs)
+        assert_close(actual, expected.detach().numpy(), RTOL, what=f"{op} forward")
+        assert_close(model.backward(weights), t.grad.numpy(), RTOL, what=f"{op} backward")
