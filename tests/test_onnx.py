@@ -1328,3 +1328,13 @@ def test_new_operators_match_torch_forward_and_backward(torch):
         actual = model(xs)
         assert_close(actual, expected.detach().numpy(), RTOL, what=f"{op} forward")
         assert_close(model.backward(weights), t.grad.numpy(), RTOL, what=f"{op} backward")
+
+
+def test_reflect_padding_past_the_input_is_an_error_as_in_torch_and_onnxruntime():
+    x = {"x": np.zeros((1, 1, 1, 6), np.float32)}
+    node = helper.make_node("Pad", ["x", "p"], ["y"], name="pad", mode="reflect")
+    data = model_proto([node], x, [("y", FLOAT, 4)], {"p": I64(0, 0, 1, 0, 0, 0, 1, 0)})
+    with pytest.raises(ValueError, match=r"'pad' \(Pad\).*reflect pads"):
+        fo.load(data.SerializeToString())(x["x"])
+    with pytest.raises(Exception, match="Pad reflect"):
+        onnxruntime_outputs(data.SerializeToString(), x)

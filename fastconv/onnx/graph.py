@@ -933,7 +933,7 @@ def _pad_indices(size: int, before: int, after: int, mode: str) -> np.ndarray:
     p = np.arange(-before, size + after)
     if mode == "constant":
         return np.where((p >= 0) & (p < size), p, -1)
-    if mode == "edge" or size == 1:
+    if mode == "edge":
         return np.clip(p, 0, size - 1)
     period = 2 * (size - 1)  # reflect: ... 2 1 | 0 1 2 ... n-1 | n-2 ...
     q = np.mod(p, period)
@@ -962,7 +962,7 @@ class Pad(Op):
             before, after = pads[i], pads[i + len(axes)]
             if before == after == 0:
                 continue
-            if self.mode == "reflect" and max(before, after) >= x.shape[axis] > 1:
+            if self.mode == "reflect" and max(before, after) >= x.shape[axis]:  # as torch, ORT
                 raise ValueError(f"Pad: reflect pads {pads} reach past input {x.shape}")
             if x.shape[axis] + before + after < 0 or (
                 self.mode != "constant" and x.shape[axis] == 0
