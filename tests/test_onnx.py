@@ -514,10 +514,11 @@ def test_operator_parity_with_onnxruntime(case):
     assert_close(actual, expected, RTOL, what=case.id)
 
 
-@pytest.mark.parametrize("op", ["Conv", "MaxPool", "AveragePool"])
+@pytest.mark.parametrize("op", ["Conv", "MaxPool", "AveragePool", "ConvTranspose"])
 def test_random_window_geometries_match_onnxruntime(op):
-    """Kernels, strides, dilations, asymmetric pads, ceil_mode, count_include_pad at random."""
-    rng = np.random.default_rng({"Conv": 0, "MaxPool": 1, "AveragePool": 2}[op])
+    """Kernels, strides, dilations, asymmetric pads, ceil_mode, count_include_pad,
+    output_padding at random."""
+    rng = np.random.default_rng({"Conv": 0, "MaxPool": 1, "AveragePool": 2, "ConvTranspose": 3}[op])
     checked = 0
     for _ in range(60):
         k = [int(v) for v in rng.integers(1, 5, 2)]
@@ -525,7 +526,7 @@ def test_random_window_geometries_match_onnxruntime(op):
         attrs["pads"] = [int(rng.integers(0, k[i % 2])) for i in range(4)]
         if op != "AveragePool":
             attrs["dilations"] = [int(v) for v in rng.integers(1, 3, 2)]
-        if op != "Conv":
+        if op in ("MaxPool", "AveragePool"):
             attrs["ceil_mode"] = int(rng.integers(0, 2))
         if op == "AveragePool":
             attrs["count_include_pad"] = int(rng.integers(0, 2))
@@ -534,6 +535,9 @@ def test_random_window_geometries_match_onnxruntime(op):
         inputs = {"x": (2, 2, *size)}
         if op == "Conv":
             inputs["w"] = W(3, 2, *k)
+        if op == "ConvTranspose":  # weight (C_in, C_out / group, kH, kW); onnxruntime's limit
+            inputs["w"] = W(2, 3, *k)
+            attrs["output_padding"] = [int(rng.integers(0, s)) for s in attrs["strides"]]
         case = Case(op, inputs, attrs)
         try:
             data, feeds = case.build(seed=checked)
