@@ -334,6 +334,14 @@ def add_predict_parser(commands, threads) -> None:
         help="ImageNet's normalisation: --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225",
     )
     p.add_argument(
+        "--size",
+        type=positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="the input's height and width, for a model file that leaves them open "
+        "(an ONNX export with dynamic axes)",
+    )
+    p.add_argument(
         "--labels",
         metavar="FILE",
         help="class names, one per line (e.g. the ImageNet synsets of a model-zoo file)",
@@ -788,8 +796,14 @@ def cmd_predict(args) -> int:
         if mean is not None or std is not None:
             raise UserError("--imagenet sets --mean and --std: give one or the other")
         mean, std = preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD
-    if args.dask and (mean is not None or std is not None):
-        raise UserError("--mean, --std and --imagenet do not apply with --dask")
+    if args.dask and (mean is not None or std is not None or args.size):
+        raise UserError("--mean, --std, --imagenet and --size do not apply with --dask")
+    if args.size:
+        meta = inference.with_input_size(model, meta, args.size)
+    elif "input_shape" not in meta and inference.declared_channels(model) not in (None, 1):
+        raise UserError(
+            f"{args.model}: the model's input leaves its height and width open: give --size H W"
+        )
     image_input = inference.ImageInput.of(
         meta, str(args.model), use="predict", photos=not args.dask, mean=mean, std=std
     )

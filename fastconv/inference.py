@@ -104,6 +104,24 @@ def class_names(meta: dict, count: int) -> list[str]:
     return [str(c) for c in classes] if classes is not None else [str(i) for i in range(count)]
 
 
+def with_input_size(model, meta: dict, size) -> dict:
+    """``meta`` with input_shape ``[C, H, W]`` for ``size = (H, W)``: for a model whose file
+    leaves its height and width open (an ONNX export with dynamic axes). C is the file's, else
+    the channels of the model's declared input (an imported ONNX graph), else 1."""
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be two positive ints (H W), got {list(size)}")
+    channels = (meta.get("input_shape") or [None])[0] or declared_channels(model)
+    return {**meta, "input_shape": [int(channels or 1), height, width]}
+
+
+def declared_channels(model) -> int | None:
+    """The channel count of an imported ONNX graph's (N, C, H, W) input, when the file fixes it."""
+    declared = getattr(model, "inputs", None)
+    shape = declared[0].shape if declared else None
+    return shape[1] if shape is not None and len(shape) == 4 else None
+
+
 def read_labels(path) -> list[str]:
     """Class names from a text file, one per line (blank lines at the end ignored), as the
     model zoo ships them (e.g. ImageNet's synset words)."""

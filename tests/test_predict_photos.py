@@ -5,6 +5,7 @@ probabilities come from onnxruntime on inputs prepared here with Pillow and NumP
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -122,3 +123,30 @@ def test_refusals(tmp_path, capsys):
     for extra, message in cases:
         code, out = predict(capsys, path, small, *extra)
         assert code != 0 and message in out.err, out.err
+
+
+def test_size_for_a_model_with_open_height_and_width(tmp_path, capsys):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).eval()
+    path = tmp_path / "open.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, 16, 16),),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}},
+        )
+    image = picture(tmp_path, "p.png", 12, 30, 7)
+    code, out = predict(capsys, path, image)
+    assert code != 0 and "leaves its height and width open: give --size H W" in out.err
+    code, out = predict(capsys, path, image, "--size", 12, 20)
+    assert code == 0, out.err
+    x = (np.asarray(Image.open(image))[:, 5:25] / 255).transpose(2, 0, 1)[None]
+    expected = softmax(onnxruntime_outputs(path.read_bytes(), {"input": x.astype(np.float32)})[0])
+    (result,) = json.loads(out.out)
+    assert result["top"][0]["probability"] == pytest.approx(expected.max(), rel=1e-4)
