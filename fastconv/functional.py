@@ -41,6 +41,7 @@ __all__ = [
     "conv2d_algorithm",
     "conv_transpose2d",
     "conv_transpose2d_backward",
+    "linear",
 ]
 
 _workspace_limit = int(float(os.environ.get("FASTCONV_WORKSPACE_MB", "32")) * 2**20)
@@ -780,6 +781,48 @@ def _batch_norm_backward(
         grad_weight.astype(dtype) if output_mask[1] else None,
         grad_bias.astype(dtype) if output_mask[2] else None,
     )
+
+
+def _matmul(
+    a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = False
+) -> np.ndarray:
+    """op(a) @ op(b) for 2-D arrays of one float dtype, on the kernels' thread team (see
+    _conv.team_gemm: BLAS's own pool would spin against the convolutions); NumPy otherwise."""
+    op_a, op_b = (a.T if trans_a else a), (b.T if trans_b else b)
+    if op_a.shape[1] != op_b.shape[0]:
+        raise ValueError(f"matmul: shapes {op_a.shape} and {op_b.shape} do not chain")
+    m, k, n = op_a.shape[0], op_a.shape[1], op_b.shape[1]
+    if not _blas_in_kernels() or k == 0 or a.dtype != b.dtype or a.dtype.kind != "f":
+        return op_a @ op_b
+    out = np.empty((m, n), a.dtype)
+    if m and n:
+        _conv.team_gemm(
+            trans_a, trans_b, np.ascontiguousarray(a), np.ascontiguousarray(b), out,
+            get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def linear(
+    input: npt.ArrayLike, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None
+) -> np.ndarray:
+    """y = input @ weight^T + bias over the last axis: input (*, in_features), weight
+    (out_features, in_features), bias (out_features,), as torch.nn.functional.linear."""
+    x, w = np.asarray(input), np.asarray(weight)
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"linear: expected input (*, in_features) and weight (out_features, in_features) "
+            f"with the same in_features, got input {x.shape} and weight {w.shape}"
+        )
+    if x.dtype != w.dtype:
+        raise TypeError(f"linear: input is {x.dtype} but weight is {w.dtype}")
+    out = _matmul(x.reshape(int(np.prod(x.shape[:-1])), w.shape[1]), w, trans_b=True)
+    if bias is not None:
+        b = np.asarray(bias)
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"linear: expected bias of shape ({w.shape[0]},), got {b.shape}")
+        out += b
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def kernel_info() -> dict:

@@ -477,3 +477,9 @@ def conv_transpose2d_backward(
             grad_w[:, :, :, i, j] = (xg @ reached.transpose(0, 1, 3, 2)).sum(axis=0)
     grad_input = _finish(grad_x.reshape(a.x.shape), a.unbatched)
     return grad_input, grad_w.reshape(a.weight.shape), grad.sum(axis=(0, 2, 3))
+
+
+def linear(input: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """y[..., o] = sum_i input[..., i] weight[o, i] + bias[o]."""
+    out = np.einsum("...i,oi->...o", input, weight)
+    return out if bias is None else out + bias

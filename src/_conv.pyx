@@ -260,6 +260,29 @@ cdef void _conv_sample_shifted(const float *x, const float *weight, Py_ssize_t c
                 dst[p] = src[p] + b
 
 
+def team_gemm(bint trans_a, bint trans_b, const real[:, ::1] a, const real[:, ::1] b,
+              real[:, ::1] c, int num_threads):
+    """c = op(a) @ op(b), c's rows split between the team, each thread's GEMM on single-threaded
+    BLAS (fastconv.functional checks the shapes; k > 0).
+
+    Why not BLAS's own threads: once woken, its pool spins on the other core for milliseconds
+    after every call, and the convolutions around a dense layer then ran on one core (perf: 45%
+    of a LeNet inference's cycles in blas_thread_server)."""
+    cdef Py_ssize_t m = c.shape[0], n = c.shape[1], k = a.shape[0] if trans_a else a.shape[1]
+    cdef Py_ssize_t t, m0, m1, teams = max(1, min(num_threads, m))
+    cdef int previous = 0
+    with nogil:
+        previous = _single_threaded_blas(num_threads)
+        for t in prange(teams, schedule="static", num_threads=num_threads):
+            _single_threaded_blas(num_threads)
+            m0 = t * m // teams
+            m1 = (t + 1) * m // teams
+            if m1 > m0:
+                _gemm(trans_a, trans_b, m1 - m0, n, k, &a[0, m0] if trans_a else &a[m0, 0],
+                      a.shape[1], &b[0, 0], b.shape[1], 0, &c[m0, 0], n)
+        _restore_blas(num_threads, previous)
+
+
 def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
                    const real[::1] bias, real[:, :, ::1] out, real[:, :, ::1] workspace,
                    tuple args, bint has_bias, const int64_t[::1] shifts, bint shifted,

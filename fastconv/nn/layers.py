@@ -355,17 +355,16 @@ class Linear(Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear: expected input (..., {self.in_features}), got {x.shape}")
         self._x = x
-        out = x @ self.weight.data.T
-        if self.bias is not None:
-            out += self.bias.data
-        return out
+        return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
         grad = grad_output.reshape(-1, self.out_features)
-        self.weight.accumulate(grad.T @ self._x.reshape(-1, self.in_features))
+        self.weight.accumulate(F._matmul(grad, self._x.reshape(-1, self.in_features), trans_a=True))
         if self.bias is not None:
             self.bias.accumulate(grad.sum(axis=0))
-        return grad_output @ self.weight.data if self.needs_input_grad else None
+        if not self.needs_input_grad:
+            return None
+        return F._matmul(grad, self.weight.data).reshape(*grad_output.shape[:-1], -1)
 
     def config(self) -> dict[str, Any]:
         return {
