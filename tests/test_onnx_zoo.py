@@ -2,8 +2,8 @@
 exported by torch.onnx.export at an old opset (7: upgraded at load by onnx.version_converter) and
 a current one (17), loaded with fastconv.onnx.load, equal to onnxruntime's output within 1e-4
 relative on a random 224x224 image. Narrower (and some shallower) than published, same
-operators and structure, so that the file runs in about a minute; SqueezeNet and ResNet-18 are
-the published widths."""
+operators and structure, so that the file runs in well under a minute; SqueezeNet and ResNet-18
+are the published widths. Three of them also fine-tune: parameter gradients equal torch's."""
 
 from __future__ import annotations
 
@@ -79,3 +79,25 @@ def test_architecture_matches_onnxruntime(exports, image, name, opset):
     if opset == CURRENT:  # and torch agrees: the export itself is faithful
         with torch.no_grad():
             assert_close(model(torch.from_numpy(image)).numpy(), expected, RTOL, what=name)
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2", "inception_v1", "densenet121"])
+def test_imported_architecture_gradients_equal_torch_autograd(name):
+    """Fine-tuning an import: every parameter's gradient (Split, LRN, Concat, BatchNorm in its
+    inference form...) equals torch autograd's on the same eval-mode model."""
+    torch.manual_seed(3)
+    model = zoo.randomise_batchnorm(ARCHITECTURES[name](), 2)
+    imported = fo.load(export(torch, model, (3, 96, 96), CURRENT, fold=False))
+    x = np.random.default_rng(1).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    weights = np.random.default_rng(2).standard_normal((2, 100)).astype(np.float32)
+    imported.train()  # the graph computes the inference form in train() too
+    imported.zero_grad()
+    imported(x)
+    imported.backward(weights)
+    model.zero_grad()
+    (model(torch.from_numpy(x)) * torch.from_numpy(weights)).sum().backward()
+    torch_params = dict(model.named_parameters())
+    params = list(imported.named_parameters())
+    assert len(params) == len(torch_params)
+    for key, param in params:
+        assert_close(param.grad, torch_params[key].grad.numpy(), RTOL, what=key)

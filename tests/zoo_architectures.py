@@ -34,7 +34,9 @@ class LRN(nn.Module):
         self.args = (size, alpha, beta, k)
 
     def forward(self, x):
-        return _LRNFunction.apply(x, *self.args)
+        if torch.onnx.is_in_onnx_export():
+            return _LRNFunction.apply(x, *self.args)
+        return nn.functional.local_response_norm(x, *self.args)  # with autograd
 
 
 def conv_bn(c_in, c_out, k, stride=1, padding=0, groups=1, act=nn.ReLU):
