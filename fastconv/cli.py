@@ -1030,6 +1030,7 @@ def cmd_info(args) -> int:
     print(f"compiler flags:  {info['cflags']}")
     print(f"conv GEMM:       {info['conv_gemm']}")
     print(f"Winograd 3x3:    {info['winograd']}")
+    print(f"micro-kernels:   {info['microkernels']}")
     print(f"conv algorithm:  {info['conv_algorithm']}")
     for pool in blas:
         api = "BLAS" if pool["user_api"] == "blas" else pool["user_api"]

@@ -836,6 +836,7 @@ def kernel_info() -> dict:
         else "NumPy matmul on batch chunks (no CBLAS symbol found, or FASTCONV_BLAS=numpy)",
         "winograd": f"F(2x2,3x3), products on {'the micro-kernel' if microkernel else 'BLAS'}, "
         f"{_conv.winograd_kernels}",
+        "microkernels": _conv.microkernels,
         "conv_algorithm": get_conv_algorithm(),
     }
 

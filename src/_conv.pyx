@@ -405,6 +405,7 @@ cdef extern from "winograd.h":
     const char *winograd_isa()
 
 cdef extern from "microkernels.h":
+    const char *microkernel_isa()
     void rows_product(const float *a, const float *v, float *m, int64_t out_channels,
                       int64_t taps, int64_t columns, int64_t ld) noexcept nogil
     void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,
@@ -412,6 +413,7 @@ cdef extern from "microkernels.h":
                          int64_t ld) noexcept nogil
 
 winograd_kernels = winograd_isa().decode()
+microkernels = microkernel_isa().decode()  # the products' kernel, chosen by a CPU check
 # The forward products run on winograd.c's micro-kernel where the CPU has vector units for it
 # (AVX2 or AVX-512 clones), else on BLAS, the portable path. The weight gradient's products
 # (long reductions, small outputs) stay on BLAS: measured faster than the micro-kernel there.

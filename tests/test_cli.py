@@ -440,3 +440,18 @@ def test_predict_and_evaluate_take_an_onnx_file(model, digit_pngs, mnist_dir, wo
         for path in (model, exported)
     ]
     assert scores[0]["accuracy"] == pytest.approx(scores[1]["accuracy"], abs=1e-9)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512dq", "avx512vl", "fma"} <= set(flags)
+
+
+def test_info_names_the_micro_kernels_the_cpu_runs(tmp_path):
+    info = json.loads(run("info", "--json", tmp_path=tmp_path).stdout)
+    expected = "AVX-512" if _cpu_has_avx512() else "vector extensions"
+    assert info["microkernels"].startswith(expected), info["microkernels"]

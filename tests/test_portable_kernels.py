@@ -1,0 +1,48 @@
+"""The portable micro-kernels and transforms, run where the CPU would pick the AVX-512 ones:
+FASTCONV_DISABLE_AVX512 is read once per process, so each check runs in a child process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = r"""
+import json, numpy as np, fastconv as fc
+from fastconv import reference as ref
+from fastconv import _conv
+rng = np.random.default_rng(0)
+errors = {}
+for algo in ("winograd", "direct"):
+    fc.set_conv_algorithm(algo)
+    for n, c, h, w, k, p in [(2, 8, 9, 11, 20, 1), (3, 16, 14, 14, 9, 0), (1, 3, 6, 5, 33, 2)]:
+        x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+        wt = rng.standard_normal((k, c, 3, 3), dtype=np.float32)
+        y = fc.conv2d(x, wt, padding=p)
+        g = rng.standard_normal(y.shape, dtype=np.float32)
+        gi, gw, _ = fc.conv2d_backward(g, x, wt, padding=p)
+        x64, w64, g64 = (a.astype(np.float64) for a in (x, wt, g))
+        ey = ref.conv2d(x64, w64, padding=p)
+        egi, egw, _ = ref.conv2d_backward(g64, x64, w64, padding=p)
+        errors[f"{algo} {n, c, h, w, k, p}"] = max(
+            float(np.abs(a - b).max() / np.abs(b).max()) for a, b in ((y, ey), (gi, egi), (gw, egw))
+        )
+print(json.dumps({"microkernels": _conv.microkernels, "errors": errors}))
+"""
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_conv_matches_the_reference_on_both_kernel_sets(disable):
+    env = dict(os.environ)
+    env.pop("FASTCONV_DISABLE_AVX512", None)
+    if disable:
+        env["FASTCONV_DISABLE_AVX512"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    if disable:
+        assert not result["microkernels"].startswith("AVX-512"), result["microkernels"]
+    for case, error in result["errors"].items():
+        assert error < 1e-5, f"{result['microkernels']}, {case}: error {error:.2e}"
