@@ -198,10 +198,10 @@ def _winograd_conv2d(
 
 
 def _shifted(g: _args.ConvGeometry, groups: int, dtype: npt.DTypeLike) -> bool:
-    """Whether the direct path runs on the shifted-view micro-kernel (no im2col copy)."""
+    """Whether the direct path runs on the shifted-view micro-kernel (no im2col copy; strides
+    through phase planes, see _conv.pyx)."""
     return (
-        g.stride == (1, 1)
-        and g.dilation == (1, 1)
+        g.dilation == (1, 1)
         and groups == 1
         and np.dtype(dtype) == np.float32
         and _conv.winograd_products_backend() == "micro-kernel"

@@ -1,5 +1,6 @@
-"""The direct stride-1 path without im2col (shifted views of a padded image, micro-kernel)
-against the float64 reference, with a spy proving which direct variant ran."""
+"""The direct path without im2col (shifted views of a padded image, or of its phase planes for
+a stride, on the micro-kernel) against the float64 reference, with a spy proving which direct
+variant ran."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ cases = st.fixed_dictionaries(
         "w": st.integers(1, 16),
         "k": st.integers(1, 6),
         "padding": st.integers(0, 3),
+        "stride": st.sampled_from([(1, 1), (1, 1), (2, 2), (3, 3), (1, 2), (2, 1)]),
         "bias": st.booleans(),
         "seed": st.integers(0, 2**31 - 1),
     }
@@ -64,11 +66,12 @@ def test_shifted_direct_convolution_matches_the_reference(case):
     x = rng.standard_normal((case["n"], case["c_in"], case["h"], case["w"])).astype(np.float32)
     w = rng.standard_normal((case["c_out"], case["c_in"], k, k)).astype(np.float32)
     b = rng.standard_normal(case["c_out"]).astype(np.float32) if case["bias"] else None
-    y = fc.conv2d(x, w, b, padding=p)
+    y = fc.conv2d(x, w, b, stride=case["stride"], padding=p)
     expected = reference.conv2d(
         x.astype(np.float64),
         w.astype(np.float64),
         None if b is None else b.astype(np.float64),
+        stride=case["stride"],
         padding=p,
     )
     scale = max(np.abs(expected).max(), 1.0)
@@ -80,7 +83,8 @@ def test_shifted_direct_convolution_matches_the_reference(case):
     "kwargs, shifted",
     [
         ({"padding": 2}, True),
-        ({"stride": 2}, False),  # strided: im2col + GEMM
+        ({"stride": 2}, True),  # strided: shifted views of the phase planes
+        ({"stride": (3, 2), "padding": 1}, True),
         ({"dilation": 2}, False),
     ],
 )

@@ -16,16 +16,19 @@ rng = np.random.default_rng(0)
 errors = {}
 for algo in ("winograd", "direct"):
     fc.set_conv_algorithm(algo)
-    for n, c, h, w, k, p in [(2, 8, 9, 11, 20, 1), (3, 16, 14, 14, 9, 0), (1, 3, 6, 5, 33, 2)]:
+    cases = [(2, 8, 9, 11, 20, 1, 1), (3, 16, 14, 14, 9, 0, 1), (1, 3, 6, 5, 33, 2, 1)]
+    if algo == "direct":  # strides run on the shifted path too (phase planes)
+        cases += [(2, 5, 13, 10, 12, 1, 2), (1, 4, 11, 12, 7, 0, 3)]
+    for n, c, h, w, k, p, s in cases:
         x = rng.standard_normal((n, c, h, w), dtype=np.float32)
         wt = rng.standard_normal((k, c, 3, 3), dtype=np.float32)
-        y = fc.conv2d(x, wt, padding=p)
+        y = fc.conv2d(x, wt, stride=s, padding=p)
         g = rng.standard_normal(y.shape, dtype=np.float32)
-        gi, gw, _ = fc.conv2d_backward(g, x, wt, padding=p)
+        gi, gw, _ = fc.conv2d_backward(g, x, wt, stride=s, padding=p)
         x64, w64, g64 = (a.astype(np.float64) for a in (x, wt, g))
-        ey = ref.conv2d(x64, w64, padding=p)
-        egi, egw, _ = ref.conv2d_backward(g64, x64, w64, padding=p)
-        errors[f"{algo} {n, c, h, w, k, p}"] = max(
+        ey = ref.conv2d(x64, w64, stride=s, padding=p)
+        egi, egw, _ = ref.conv2d_backward(g64, x64, w64, stride=s, padding=p)
+        errors[f"{algo} {n, c, h, w, k, p, s}"] = max(
             float(np.abs(a - b).max() / np.abs(b).max()) for a, b in ((y, ey), (gi, egi), (gw, egw))
         )
 print(json.dumps({"microkernels": _conv.microkernels, "errors": errors}))
