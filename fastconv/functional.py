@@ -457,11 +457,13 @@ def _winograd_conv2d_backward(
         args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
         block = _winograd_block(g.n, args, c_in, c_out, threads)
         size = _conv.winograd_workspace_size(c_in, c_out, args, block)
-        partial, workspace = _workspace(np.float32, (threads, 16, c_out, c_in), (threads, size))
+        stride = _conv.channel_stride(c_in)
+        partial, workspace = _workspace(np.float32, (threads, 16, c_out, stride), (threads, size))
         partial[...] = 0
         _conv.winograd_conv2d_weight_grad(grad, x, partial, workspace, args, block, threads)
         grad_weight = np.empty(weight.shape, np.float32)
-        _conv.winograd_weight_grad(np.ascontiguousarray(partial.sum(axis=0)), grad_weight)
+        grad_u = np.ascontiguousarray(partial.sum(axis=0)[:, :, :c_in])
+        _conv.winograd_weight_grad(grad_u, grad_weight)
     if grad_input is not None:
         args = (2 - g.pad_top, 2 - g.pad_left, g.h, g.w)
         _winograd_conv2d(grad, _winograd_weight(weight, flip=True), None, grad_input, args, threads)

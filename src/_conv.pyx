@@ -440,6 +440,8 @@ cdef extern from "microkernels.h":
     void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,
                          int64_t out_channels, int64_t taps, int64_t columns,
                          int64_t ld) noexcept nogil
+    int transposed_product(const float *m, const float *v, float *du, int64_t out_channels,
+                           int64_t channels, int64_t slots, int64_t ld, float *vt) noexcept nogil
 
 winograd_kernels = winograd_isa().decode()
 microkernels = microkernel_isa().decode()  # the products' kernel, chosen by a CPU check
@@ -486,10 +488,18 @@ def winograd_weight_grad(const float[:, :, ::1] grad_u, float[:, :, :, ::1] grad
 
 def winograd_workspace_size(Py_ssize_t channels, Py_ssize_t out_channels, tuple args,
                             Py_ssize_t rows):
-    """Floats of one thread's workspace for blocks of `rows` rows of tiles."""
+    """Floats of one thread's workspace for blocks of `rows` rows of tiles (the last
+    padded(slots) x channel_stride(channels) of it: the weight gradient's transposed operand)."""
     cdef WinogradGeometry g = _winograd_geometry(channels, 0, 0, args)
     return (16 * (channels + out_channels) * _leading_dimension(&g, rows, channels, out_channels)
-            + winograd_stage_size(&g, rows))
+            + winograd_stage_size(&g, rows)
+            + winograd_padded(winograd_slots(&g, rows)) * channel_stride(channels))
+
+
+def channel_stride(Py_ssize_t channels):
+    """The row length of the weight gradient's transformed partial sums (16, C_out, stride):
+    channels rounded up to whole vectors, the columns past them unused."""
+    return (channels + 15) // 16 * 16
 
 
 cdef Py_ssize_t _leading_dimension(const WinogradGeometry *g, Py_ssize_t rows, Py_ssize_t c_in,
@@ -558,7 +568,8 @@ def winograd_conv2d_weight_grad(const float[:, :, :, ::1] grad, const float[:, :
     """grad_u[t] += the transformed weight gradient (16, C_out, C_in) of thread t's tile blocks.
 
     The adjoint of the forward's products: per point, (A dY A^T) @ (B^T d B)^T over the tiles.
-    grad_u: (threads, 16, C_out, C_in), zeroed by the caller, summed and transformed after.
+    grad_u: (threads, 16, C_out, channel_stride(C_in)), zeroed by the caller, summed and
+    transformed after (its columns past C_in dropped).
     """
     cdef WinogradGeometry g = _winograd_geometry(x.shape[1], x.shape[2], x.shape[3], args)
     cdef Py_ssize_t c_in = x.shape[1], c_out = grad.shape[1], ld = _leading_dimension(&g, rows, c_in, c_out)
@@ -582,6 +593,9 @@ def winograd_conv2d_weight_grad(const float[:, :, :, ::1] grad, const float[:, :
             winograd_input_transform(&x[0, 0, 0, 0], &g, first, count, v, ld, stage)
             winograd_grad_transform(&grad[0, 0, 0, 0], c_out, &g, first, count, m, ld, stage)
             for p in range(16):
-                _gemm(False, True, c_out, c_in, slots, m + p * c_out * ld, ld,
-                      v + p * c_in * ld, ld, 1, &grad_u[tid, p, 0, 0], c_in)
+                if not (_winograd_microkernels and transposed_product(
+                        m + p * c_out * ld, v + p * c_in * ld, &grad_u[tid, p, 0, 0], c_out,
+                        c_in, slots, ld, stage + winograd_stage_size(&g, rows))):
+                    _gemm(False, True, c_out, c_in, slots, m + p * c_out * ld, ld,
+                          v + p * c_in * ld, ld, 1, &grad_u[tid, p, 0, 0], grad_u.shape[3])
         _restore_blas(num_threads, previous)

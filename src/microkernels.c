@@ -168,8 +168,73 @@ static AVX512 __attribute__((noinline)) void product_avx512(
 }
 #undef BLOCK_ROWS
 
+/* 16 vectors of 16 floats transposed in registers: four rounds of 16 shuffles (pairs of rows,
+ * then fours within 128-bit lanes, then the lanes across the four groups). */
+static inline __attribute__((always_inline)) AVX512 void transpose16x16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* lane L of r[4i + s]: column 4L + s of rows 4i .. 4i + 3 */
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int s = 0; s < 4; s++) {
+        __m512 p0 = _mm512_shuffle_f32x4(r[s], r[4 + s], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 p1 = _mm512_shuffle_f32x4(r[s], r[4 + s], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512 p2 = _mm512_shuffle_f32x4(r[8 + s], r[12 + s], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 p3 = _mm512_shuffle_f32x4(r[8 + s], r[12 + s], _MM_SHUFFLE(3, 2, 3, 2));
+        t[s] = _mm512_shuffle_f32x4(p0, p2, _MM_SHUFFLE(2, 0, 2, 0));
+        t[4 + s] = _mm512_shuffle_f32x4(p0, p2, _MM_SHUFFLE(3, 1, 3, 1));
+        t[8 + s] = _mm512_shuffle_f32x4(p1, p3, _MM_SHUFFLE(2, 0, 2, 0));
+        t[12 + s] = _mm512_shuffle_f32x4(p1, p3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* du[k][c] += sum over t < slots of m[k][t] v[c][t], both operands slot-contiguous (an A B^T):
+ * v is transposed 16x16 at a time into vt, then the products' register block sweeps vt with
+ * m's entries broadcast. The transpose is the only copy: BLAS packed both operands on every
+ * call, and perf showed the packing taking as long as its kernel. */
+static AVX512 __attribute__((noinline)) void transposed_product_avx512(
+    const float *m, const float *v, float *du, int64_t out_channels, int64_t channels,
+    int64_t slots, int64_t ld, float *vt) {
+    const int64_t cpad = (channels + 15) / 16 * 16, padded = (slots + 15) / 16 * 16;
+    for (int64_t c0 = 0; c0 < cpad; c0 += 16)
+        for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = c0 + i < channels ? _mm512_loadu_ps(v + (c0 + i) * ld + t0)
+                                         : _mm512_setzero_ps();
+            transpose16x16(r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(vt + (t0 + i) * cpad + c0, r[i]);
+        }
+#define GRAD_ROWS(VECTORS)                                                                    \
+    do {                                                                                      \
+        int64_t k = 0;                                                                        \
+        for (; k + 8 <= out_channels; k += 8)                                                 \
+            block_avx512(m + k * ld, ld, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,     \
+                         cpad, 0, 8, VECTORS);                                                \
+        for (; k + 4 <= out_channels; k += 4)                                                 \
+            block_avx512(m + k * ld, ld, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,     \
+                         cpad, 0, 4, VECTORS);                                                \
+        for (; k < out_channels; k++)                                                         \
+            block_avx512(m + k * ld, ld, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,     \
+                         cpad, 0, 1, VECTORS);                                                \
+    } while (0)
+    int64_t j = 0;
+    for (; j + 48 <= cpad; j += 48) GRAD_ROWS(3);
+    if (cpad - j == 32) GRAD_ROWS(2);
+    else if (cpad - j == 16) GRAD_ROWS(1);
+#undef GRAD_ROWS
+}
+
 #else
 #define product_avx512(...) ((void)0)
+#define transposed_product_avx512(...) ((void)0)
 #endif
 
 const char *microkernel_isa(void) {
@@ -182,6 +247,13 @@ void rows_product(const float *a, const float *v, float *m, int64_t out_channels
         product_avx512(a, v, ld, NULL, m, out_channels, taps, columns, ld);
     else
         rows_product_generic(a, v, m, out_channels, taps, columns, ld);
+}
+
+int transposed_product(const float *m, const float *v, float *du, int64_t out_channels,
+                       int64_t channels, int64_t slots, int64_t ld, float *vt) {
+    if (!cpu_has_avx512()) return 0;
+    transposed_product_avx512(m, v, du, out_channels, channels, slots, ld, vt);
+    return 1;
 }
 
 void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,

@@ -14,6 +14,14 @@ void rows_product(const float *a, const float *v, float *m, int64_t out_channels
 void shifted_product(const float *a, const float *x, const int64_t *offsets, float *m,
                      int64_t out_channels, int64_t taps, int64_t columns, int64_t ld);
 
+/* du[k][0:c] += sum_t m[k][t] v[c][t] for t < slots (Winograd's weight gradient at one point):
+ * m, v rows ld apart and zero in columns [slots, slots rounded up to 16); du rows cpad apart,
+ * cpad = channels rounded up to 16 (columns past channels get zeros added); vt scratch of
+ * (slots rounded up to 16) x cpad floats. Returns 0, doing nothing, where this CPU has no
+ * kernel for it (AVX-512 only: elsewhere BLAS is as fast). */
+int transposed_product(const float *m, const float *v, float *du, int64_t out_channels,
+                       int64_t channels, int64_t slots, int64_t ld, float *vt);
+
 /* Which kernel the products run on this CPU, e.g. "AVX-512, 8x48 blocks". */
 const char *microkernel_isa(void);
 

@@ -297,10 +297,52 @@ void winograd_output_max_pool(const float *m, int64_t ld, int64_t out_channels,
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The gradient transform in registers, 8 slots at a time: masked loads of a tile row's two
+ * gradient rows (zeros past the output's edge, so the dummy slot is zero), one permute splits
+ * each into its tiles' left and right columns, and A (.) A^T is adds. The portable version
+ * stages the rows through memory (perf: 18% of a weight gradient's time). Same values. */
+static FASTCONV_AVX512 void grad_transform_avx512(const float *grad, int64_t out_channels,
+                                                  const WinogradGeometry *g, int64_t first_row,
+                                                  int64_t rows, float *m, int64_t ld) {
+    const int64_t per_row = g->tiles_w + 1, ps = out_channels * ld;
+    /* lanes 0-7: the tiles' left columns 2q, lanes 8-15: their right columns 2q + 1 */
+    const __m512i split = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int64_t k = 0; k < out_channels; k++) {
+        RowCursor r = cursor_at(g, first_row);
+        for (int64_t lr = 0; lr < rows; lr++, advance(g, &r)) {
+            const int64_t y = 2 * r.tile_row;
+            const float *top = grad + ((r.image * out_channels + k) * g->out_h + y) * g->out_w;
+            const float *bottom = y + 1 < g->out_h ? top + g->out_w : NULL;
+            float *q = m + k * ld + lr * per_row;
+            for (int64_t q0 = 0; q0 < per_row; q0 += 8) {
+                const __mmask16 inside = columns_mask(2 * q0, 0, g->out_w);
+                __m512 t = _mm512_permutexvar_ps(split, _mm512_maskz_loadu_ps(inside, top + 2 * q0));
+                __m512 b = bottom ? _mm512_permutexvar_ps(
+                                        split, _mm512_maskz_loadu_ps(inside, bottom + 2 * q0))
+                                  : _mm512_setzero_ps();
+                __m256 t0 = _mm512_castps512_ps256(t), t1 = _mm512_extractf32x8_ps(t, 1);
+                __m256 b0 = _mm512_castps512_ps256(b), b1 = _mm512_extractf32x8_ps(b, 1);
+                __m256 a[4] = {t0, t0 + t1, t0 - t1, -t1};
+                __m256 c[4] = {b0, b0 + b1, b0 - b1, -b1};
+                const __mmask8 keep = (__mmask8)(per_row - q0 >= 8 ? 0xff : (1u << (per_row - q0)) - 1);
+                for (int j = 0; j < 4; j++) {
+                    _mm256_mask_storeu_ps(q + j * ps + q0, keep, a[j]);
+                    _mm256_mask_storeu_ps(q + (4 + j) * ps + q0, keep, a[j] + c[j]);
+                    _mm256_mask_storeu_ps(q + (8 + j) * ps + q0, keep, a[j] - c[j]);
+                    _mm256_mask_storeu_ps(q + (12 + j) * ps + q0, keep, -c[j]);
+                }
+            }
+        }
+    }
+    zero_tail(m, 16 * out_channels, ld, winograd_slots(g, rows));
+}
+#endif
+
 FASTCONV_MULTIVERSION
-void winograd_grad_transform(const float *grad, int64_t out_channels, const WinogradGeometry *g,
-                             int64_t first_row, int64_t rows, float *m, int64_t ld,
-                             float *stage) {
+static void grad_transform_generic(const float *grad, int64_t out_channels,
+                                   const WinogradGeometry *g, int64_t first_row, int64_t rows,
+                                   float *m, int64_t ld, float *stage) {
     const int64_t span = row_span(g), slots = winograd_slots(g, rows), ps = out_channels * ld;
     float *top = stage, *bottom = stage + rows * span;
     for (int64_t k = 0; k < out_channels; k++) {
@@ -340,6 +382,18 @@ void winograd_grad_transform(const float *grad, int64_t out_channels, const Wino
         }
     }
     zero_tail(m, 16 * out_channels, ld, slots);
+}
+
+void winograd_grad_transform(const float *grad, int64_t out_channels, const WinogradGeometry *g,
+                             int64_t first_row, int64_t rows, float *m, int64_t ld,
+                             float *stage) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_has_avx512()) {
+        grad_transform_avx512(grad, out_channels, g, first_row, rows, m, ld);
+        return;
+    }
+#endif
+    grad_transform_generic(grad, out_channels, g, first_row, rows, m, ld, stage);
 }
 
 /* u[p][k][c] = (G w[k][c] G^T)[p]; with flip, of w's flipped transpose w[c][k][2-i][2-j]

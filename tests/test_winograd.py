@@ -339,11 +339,14 @@ def test_sequential_pools_inside_the_winograd_transform(calls):
 
 
 @pytest.mark.parametrize("microkernels", [True, False])
-def test_both_product_backends_match_the_reference(microkernels):
-    """The micro-kernels and the portable BLAS path give the same answers."""
+@pytest.mark.parametrize("c_in, c_out", [(19, 21), (7, 3), (40, 13), (70, 9)])
+def test_both_product_backends_match_the_reference(microkernels, c_in, c_out):
+    """The micro-kernels and the portable BLAS path give the same answers. The channel counts
+    reach every column block of the weight gradient's kernel (1, 2, 3 and 3 + 2 vectors of
+    input channels) and each of its row blocks (8, 4, 1 output channels)."""
     rng = np.random.default_rng(9)
-    x = rng.standard_normal((3, 19, 9, 12)).astype(np.float32)
-    w = rng.standard_normal((21, 19, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((3, c_in, 9, 12)).astype(np.float32)
+    w = rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32)
     fc.set_conv_algorithm("winograd")
     before = _conv.winograd_products_backend()
     _conv.use_winograd_microkernels(microkernels)
