@@ -19,7 +19,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["_conv", "_pool", "_norm"]  # src/<name>.pyx -> fastconv.<name>
+KERNELS = ["_conv", "_pool", "_norm", "_pointwise"]  # src/<name>.pyx -> fastconv.<name>
 # Hand-written C compiled into a kernel module beside its .pyx.
 C_SOURCES = {
     "_conv": [

@@ -20,7 +20,7 @@ import numpy.typing as npt
 # missing build), and mypy then resolves `from . import _conv` to that unexported attribute.
 import fastconv._conv as _conv
 
-from . import _args, _blas, _norm, _pool
+from . import _args, _blas, _norm, _pointwise, _pool
 from .threads import get_num_threads
 
 __all__ = [
@@ -42,6 +42,8 @@ __all__ = [
     "conv_transpose2d",
     "conv_transpose2d_backward",
     "linear",
+    "relu",
+    "relu_backward",
 ]
 
 _workspace_limit = int(float(os.environ.get("FASTCONV_WORKSPACE_MB", "32")) * 2**20)
@@ -135,8 +137,9 @@ def conv2d_algorithm(
 def _all_finite(*arrays: np.ndarray) -> bool:
     """Winograd's transforms subtract inputs from each other, so an inf becomes inf - inf = NaN
     where the direct sum keeps torch's inf: such inputs take the direct path. One summing pass
-    (a sum that overflows also sends them there, which is safe)."""
-    return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays)
+    (one pass over each on the thread team)."""
+    threads = get_num_threads()
+    return all(_pointwise.all_finite(a.reshape(-1), threads) for a in arrays)
 
 
 def _winograd_weight(weight: np.ndarray, flip: bool = False) -> np.ndarray:
@@ -432,8 +435,16 @@ def conv2d_backward(
     return (
         _finish(grad_input, a.unbatched) if grad_input is not None else None,  # want_input
         grad_weight.reshape(w.shape) if want_weight and grad_weight is not None else None,
-        grad.sum(axis=(0, 2)) if want_bias else None,
+        _channel_sums(grad) if want_bias else None,
     )
+
+
+def _channel_sums(grad: np.ndarray) -> np.ndarray:
+    """grad (N, C, P) summed over N and P: a bias's gradient (one pass, in double)."""
+    out = np.zeros(grad.shape[1], grad.dtype)
+    if grad.size:
+        _pointwise.channel_sums(grad, out, get_num_threads())
+    return out
 
 
 def _winograd_conv2d_backward(
@@ -825,6 +836,33 @@ def linear(
             raise ValueError(f"linear: expected bias of shape ({w.shape[0]},), got {b.shape}")
         out += b
     return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def relu(input: npt.ArrayLike) -> np.ndarray:
+    """max(input, 0) element-wise, a NaN staying NaN (torch.nn.functional.relu)."""
+    x = np.asarray(input)
+    if x.dtype not in _args.FLOAT_DTYPES:  # integers, as torch takes them: no kernel needed
+        return np.maximum(x, 0)
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    _pointwise.relu(x.reshape(-1), out.reshape(-1), get_num_threads())
+    return out
+
+
+def relu_backward(grad_output: npt.ArrayLike, output: npt.ArrayLike) -> np.ndarray:
+    """The gradient of relu from its output: 0 where output <= 0, else grad_output (torch's
+    threshold_backward(grad_output, output, 0), which passes a NaN output's gradient)."""
+    out = _args.float_array("output", output)
+    grad = _args.float_array("grad_output", grad_output, out.dtype)
+    if grad.shape != out.shape:
+        raise ValueError(
+            f"grad_output: expected shape {out.shape} (relu's output), got {grad.shape}"
+        )
+    grad_input = np.empty_like(grad)
+    _pointwise.relu_backward(
+        grad.reshape(-1), out.reshape(-1), grad_input.reshape(-1), get_num_threads()
+    )
+    return grad_input
 
 
 def kernel_info() -> dict:

@@ -28,6 +28,8 @@ __all__ = [
     "batch_norm_backward",
     "conv_transpose2d",
     "conv_transpose2d_backward",
+    "relu",
+    "relu_backward",
 ]
 
 
@@ -483,3 +485,13 @@ def linear(input: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None
     """y[..., o] = sum_i input[..., i] weight[o, i] + bias[o]."""
     out = np.einsum("...i,oi->...o", input, weight)
     return out if bias is None else out + bias
+
+
+def relu(input: np.ndarray) -> np.ndarray:
+    """input where it is positive or NaN, else 0."""
+    return np.where((input > 0) | np.isnan(input), input, 0).astype(input.dtype)
+
+
+def relu_backward(grad_output: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """0 where relu's output is <= 0, else grad_output (a NaN output passes it, as torch's)."""
+    return np.where(output <= 0, 0, grad_output).astype(grad_output.dtype)

@@ -280,13 +280,13 @@ class AvgPool2d(Module):
 @register
 class ReLU(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if not is_grad_enabled():
-            return np.maximum(x, 0)  # NaN stays NaN, as in torch
-        self._mask = x > 0
-        return x * self._mask  # faster than np.maximum(x, 0), and the mask is needed anyway
+        out = F.relu(x)
+        if is_grad_enabled():
+            self._out = out  # backward needs only where it is <= 0 (torch keeps it too)
+        return out
 
     def backward(self, grad_output: np.ndarray) -> np.ndarray | None:
-        return grad_output * self._mask if self.needs_input_grad else None
+        return F.relu_backward(grad_output, self._out) if self.needs_input_grad else None
 
 
 @register
