@@ -26,6 +26,7 @@ C_SOURCES = {
         "src/winograd.c", "src/microkernels.c", "src/max_pool_2x2.c", "src/im2col.c"
     ],
     "_pool": ["src/max_pool_2x2.c"],
+    "_pointwise": ["src/pointwise.c"],
 }
 # Every kernel rebuilds when a shared declaration or C header changes.
 DEPENDS = sorted(glob.glob("src/*.pxd") + glob.glob("src/*.h"))

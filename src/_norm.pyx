@@ -10,9 +10,23 @@ backward pass recomputes it from x, the mean and 1/std.
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
-from common cimport real, sum_double
+from common cimport real
 
-# Sums use eight partial accumulators (see common.pxd's sum_double).
+# Sums use eight partial accumulators: one running double sum is a chain of dependent adds
+# (4 cycles each) that the compiler may not reorder; eight independent ones keep the FPU busy.
+
+cdef inline double _sum(const real *a, Py_ssize_t n) noexcept nogil:
+    cdef double s[8]
+    cdef Py_ssize_t i, k
+    for k in range(8):
+        s[k] = 0
+    for i in range(0, n - 7, 8):
+        for k in range(8):
+            s[k] += a[i + k]
+    for i in range(n - n % 8, n):
+        s[0] += a[i]
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
 
 cdef inline double _sum_squared_deviations(const real *a, Py_ssize_t n, double m) noexcept nogil:
     cdef double s[8]
@@ -61,7 +75,7 @@ def batch_norm_forward(const real[:, :, ::1] x, real[:, :, ::1] out, const real[
         if use_batch_stats:
             total = 0
             for n in range(n_count):
-                total = total + sum_double(&x[n, c, 0], length)
+                total = total + _sum(&x[n, c, 0], length)
             m = total / (n_count * length)
             total = 0
             for n in range(n_count):
@@ -96,7 +110,7 @@ def batch_norm_backward(const real[:, :, ::1] grad, const real[:, :, ::1] x,
         sum_grad = 0
         sum_grad_xhat = 0
         for n in range(n_count):
-            sum_grad = sum_grad + sum_double(&grad[n, c, 0], length)
+            sum_grad = sum_grad + _sum(&grad[n, c, 0], length)
             sum_grad_xhat = sum_grad_xhat + _dot_deviations(&grad[n, c, 0], &x[n, c, 0], length, m)
         sum_grad_xhat = sum_grad_xhat * s
         grad_bias[c] = sum_grad

@@ -21,18 +21,3 @@ cdef inline void valid_range(Py_ssize_t offset, Py_ssize_t stride, Py_ssize_t si
         last = first
     lo[0] = first
     hi[0] = last
-
-
-cdef inline double sum_double(const real *a, Py_ssize_t n) noexcept nogil:
-    """a[0] + ... + a[n - 1] in double, in eight partial sums: one running sum is a chain of
-    dependent adds (4 cycles each) that the compiler may not reorder; eight keep the FPU busy."""
-    cdef double s[8]
-    cdef Py_ssize_t i, k
-    for k in range(8):
-        s[k] = 0
-    for i in range(0, n - 7, 8):
-        for k in range(8):
-            s[k] += a[i + k]
-    for i in range(n - n % 8, n):
-        s[0] += a[i]
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
