@@ -1,4 +1,4 @@
-"""The portable micro-kernels and transforms, run where the CPU would pick the AVX-512 ones:
+"""The portable micro-kernels, transforms and pooling, run where the CPU would pick the AVX-512 ones:
 FASTCONV_DISABLE_AVX512 is read once per process, so each check runs in a child process."""
 
 import json
@@ -31,7 +31,20 @@ for algo in ("winograd", "direct"):
         errors[f"{algo} {n, c, h, w, k, p, s}"] = max(
             float(np.abs(a - b).max() / np.abs(b).max()) for a, b in ((y, ey), (gi, egi), (gw, egw))
         )
-print(json.dumps({"microkernels": _conv.microkernels, "errors": errors}))
+mismatches = []  # max pooling 2x2 and relu: exact, NaNs included (torch's rules)
+for n, c, h, w in [(2, 3, 8, 8), (1, 2, 7, 37), (3, 1, 5, 18), (1, 1, 2, 2)]:
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    x.reshape(-1)[rng.integers(x.size, size=3)] = np.nan
+    x[..., 0, :2] = 1.5  # ties: the first in scan order wins
+    out, idx = fc.max_pool2d(x, 2, return_indices=True)
+    eout, eidx = ref.max_pool2d(x, 2, return_indices=True)
+    values = fc.max_pool2d(x, 2)
+    if not (np.array_equal(out, eout, equal_nan=True) and np.array_equal(idx, eidx)
+            and np.array_equal(values, eout, equal_nan=True)):
+        mismatches.append(f"max_pool2d {x.shape}")
+    if not np.array_equal(fc.relu(x), ref.relu(x), equal_nan=True):
+        mismatches.append(f"relu {x.shape}")
+print(json.dumps({"microkernels": _conv.microkernels, "errors": errors, "mismatches": mismatches}))
 """
 
 
@@ -47,5 +60,6 @@ def test_conv_matches_the_reference_on_both_kernel_sets(disable):
     result = json.loads(out.strip().splitlines()[-1])
     if disable:
         assert not result["microkernels"].startswith("AVX-512"), result["microkernels"]
+    assert result["mismatches"] == [], result["microkernels"]
     for case, error in result["errors"].items():
         assert error < 1e-5, f"{result['microkernels']}, {case}: error {error:.2e}"
