@@ -247,21 +247,13 @@ def shifts(Py_ssize_t channels, tuple args, int64_t[::1] out):
                     + (i // g.sh) * wp + j // g.sw)
 
 
-cdef void _conv_sample_shifted(const float *x, const float *weight, Py_ssize_t c_out,
-                               Py_ssize_t taps, const float *bias, bint has_bias, float *work,
-                               float *out, Geometry g, const int64_t *shifts) noexcept nogil:
-    """Convolution without im2col: out[k][oh * wp + ow] = sum over taps (c, i, j) of
-    w[k][c][i][j] * phase(c, i mod s, j mod s)[oh + i // s][ow + j // s], each tap's row a shifted
-    view of the phase planes (see above). Columns past out_w (up to wp) are computed, dropped."""
+cdef void _phase_planes(const float *x, float *padded, Geometry g) noexcept nogil:
+    """padded = x's phase planes, zero where they fall outside x, and the slack after them."""
     cdef Py_ssize_t wp = _phase_width(g), hp = g.out_h + (g.kh - 1) // g.sh
-    cdef Py_ssize_t plane = _phase_plane(g), size = g.channels * _padded_plane(g) + g.kw + 16
-    cdef Py_ssize_t columns = _shifted_columns(g), c, a, b_, u, v, y, v0, v1, o
-    cdef float *padded = work
-    cdef float *product = work + size
+    cdef Py_ssize_t plane = _phase_plane(g), c, a, b_, u, v, y, v0, v1
     cdef const float *src
     cdef float *dst
-    cdef float b
-    memset(padded, 0, size * sizeof(float))
+    memset(padded, 0, (g.channels * _padded_plane(g) + g.kw + 16) * sizeof(float))
     for c in range(g.channels):
         for a in range(g.sh):
             for b_ in range(g.sw):
@@ -279,7 +271,22 @@ cdef void _conv_sample_shifted(const float *x, const float *weight, Py_ssize_t c
                     else:
                         for v in range(v0, v1):
                             dst[u * wp + v] = src[g.sw * v]
-    shifted_product(weight, padded, shifts, product, c_out, taps, columns, columns)
+
+
+cdef void _conv_sample_shifted(const float *x, const float *weight, Py_ssize_t c_out,
+                               Py_ssize_t taps, const float *bias, bint has_bias, float *work,
+                               float *out, Geometry g, const int64_t *shifts) noexcept nogil:
+    """Convolution without im2col: out[k][oh * wp + ow] = sum over taps (c, i, j) of
+    w[k][c][i][j] * phase(c, i mod s, j mod s)[oh + i // s][ow + j // s], each tap's row a shifted
+    view of the phase planes (see above). Columns past out_w (up to wp) are computed, dropped."""
+    cdef Py_ssize_t wp = _phase_width(g), size = g.channels * _padded_plane(g) + g.kw + 16
+    cdef Py_ssize_t columns = _shifted_columns(g), v, y, o
+    cdef float *product = work + size
+    cdef const float *src
+    cdef float *dst
+    cdef float b
+    _phase_planes(x, work, g)
+    shifted_product(weight, work, shifts, product, c_out, taps, columns, columns)
     for o in range(c_out):
         b = bias[o] if has_bias else 0
         for y in range(g.out_h):
@@ -287,6 +294,49 @@ cdef void _conv_sample_shifted(const float *x, const float *weight, Py_ssize_t c
             dst = out + (o * g.out_h + y) * g.out_w
             for v in range(g.out_w):
                 dst[v] = src[v] + b
+
+
+def shifted_weight_grad_workspace(Py_ssize_t channels, Py_ssize_t out_channels, tuple args):
+    """Floats per thread of conv2d_weight_grad_shifted: the phase planes (+ slack), the output
+    gradient in rows of the phase width, and the transposed views (columns x taps rounded to 16)."""
+    cdef Geometry g = _geometry(channels, 0, 0, args)
+    cdef Py_ssize_t taps = channels * g.kh * g.kw
+    return (channels * _padded_plane(g) + g.kw + 16
+            + (out_channels + (taps + 15) // 16 * 16) * _shifted_columns(g))
+
+
+def conv2d_weight_grad_shifted(const float[:, :, ::1] grad, const float[:, :, :, ::1] x,
+                               float[:, :, ::1] grad_weight, float[:, ::1] workspace,
+                               tuple args, const int64_t[::1] shifts, int num_threads):
+    """grad_weight[t] += sum over thread t's samples of grad[n] @ (shifted views of x[n])^T.
+
+    The weight gradient of the shifted path without im2col (AVX-512 only: see
+    has_shifted_weight_grad): per sample, x's phase planes and grad in rows of their width
+    (zeros past out_w), then one A B^T on the micro-kernel. grad: (N, C_out, P); grad_weight:
+    (threads, C_out, taps rounded to 16), zeroed by the caller and summed after (the columns past
+    the taps dropped); workspace: (threads, shifted_weight_grad_workspace(...)).
+    """
+    cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t c_out = grad.shape[1], taps = grad_weight.shape[2]
+    cdef Py_ssize_t wp = _phase_width(g), columns = _shifted_columns(g)
+    cdef Py_ssize_t size = g.channels * _padded_plane(g) + g.kw + 16, n, o, y
+    cdef int tid
+    cdef float *planes
+    cdef float *rows
+    with nogil:
+        for n in prange(x.shape[0], schedule="static", num_threads=num_threads):
+            tid = threadid()
+            planes = &workspace[tid, 0]
+            rows = planes + size
+            _phase_planes(&x[n, 0, 0, 0], planes, g)
+            memset(rows, 0, c_out * columns * sizeof(float))
+            for o in range(c_out):
+                for y in range(g.out_h):
+                    memcpy(rows + o * columns + y * wp, &grad[n, o, y * g.out_w],
+                           g.out_w * sizeof(float))
+            shifted_transposed_product(rows, columns, planes, &shifts[0], &grad_weight[tid, 0, 0],
+                                       c_out, g.channels * g.kh * g.kw, g.out_h * wp,
+                                       rows + c_out * columns)
 
 
 def team_gemm(bint trans_a, bint trans_b, const real[:, ::1] a, const real[:, ::1] b,
@@ -442,9 +492,15 @@ cdef extern from "microkernels.h":
                          int64_t ld) noexcept nogil
     int transposed_product(const float *m, const float *v, float *du, int64_t out_channels,
                            int64_t channels, int64_t slots, int64_t ld, float *vt) noexcept nogil
+    int shifted_transposed_product(const float *g, int64_t ldg, const float *x,
+                                   const int64_t *offsets, float *du, int64_t out_channels,
+                                   int64_t taps, int64_t slots, float *vt) noexcept nogil
+    int transposed_product_available()
 
 winograd_kernels = winograd_isa().decode()
 microkernels = microkernel_isa().decode()  # the products' kernel, chosen by a CPU check
+# Whether the A B^T kernel (Winograd's and the shifted path's weight gradients) runs here
+has_shifted_weight_grad = bool(transposed_product_available())
 # The forward products run on winograd.c's micro-kernel where the CPU has vector units for it
 # (AVX2 or AVX-512 clones), else on BLAS, the portable path. The weight gradient's products
 # (long reductions, small outputs) stay on BLAS: measured faster than the micro-kernel there.

@@ -195,20 +195,23 @@ static inline __attribute__((always_inline)) AVX512 void transpose16x16(__m512 r
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* du[k][c] += sum over t < slots of m[k][t] v[c][t], both operands slot-contiguous (an A B^T):
- * v is transposed 16x16 at a time into vt, then the products' register block sweeps vt with
- * m's entries broadcast. The transpose is the only copy: BLAS packed both operands on every
- * call, and perf showed the packing taking as long as its kernel. */
+/* du[k][c] += sum over t < slots of m[k][t] V(c)[t], both operands slot-contiguous (an A B^T;
+ * V(c) = v + c * ldv, or v + offsets[c]: the shifted views of the direct path's weight
+ * gradient): v is transposed 16x16 at a time into vt, then the products' register block sweeps
+ * vt with m's entries broadcast. The transpose is the only copy: BLAS packed both operands on
+ * every call, and perf showed the packing taking as long as its kernel. */
 static AVX512 __attribute__((noinline)) void transposed_product_avx512(
-    const float *m, const float *v, float *du, int64_t out_channels, int64_t channels,
-    int64_t slots, int64_t ld, float *vt) {
+    const float *m, int64_t ldm, const float *v, int64_t ldv, const int64_t *offsets, float *du,
+    int64_t out_channels, int64_t channels, int64_t slots, float *vt) {
     const int64_t cpad = (channels + 15) / 16 * 16, padded = (slots + 15) / 16 * 16;
     for (int64_t c0 = 0; c0 < cpad; c0 += 16)
         for (int64_t t0 = 0; t0 < padded; t0 += 16) {
             __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = c0 + i < channels ? _mm512_loadu_ps(v + (c0 + i) * ld + t0)
-                                         : _mm512_setzero_ps();
+            for (int i = 0; i < 16; i++) {
+                const int64_t c = c0 + i;
+                r[i] = c < channels ? _mm512_loadu_ps(v + (offsets ? offsets[c] : c * ldv) + t0)
+                                    : _mm512_setzero_ps();
+            }
             transpose16x16(r);
             for (int i = 0; i < 16; i++) _mm512_storeu_ps(vt + (t0 + i) * cpad + c0, r[i]);
         }
@@ -216,13 +219,13 @@ static AVX512 __attribute__((noinline)) void transposed_product_avx512(
     do {                                                                                      \
         int64_t k = 0;                                                                        \
         for (; k + 8 <= out_channels; k += 8)                                                 \
-            block_avx512(m + k * ld, ld, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,     \
+            block_avx512(m + k * ldm, ldm, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,   \
                          cpad, 0, 8, VECTORS);                                                \
         for (; k + 4 <= out_channels; k += 4)                                                 \
-            block_avx512(m + k * ld, ld, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,     \
+            block_avx512(m + k * ldm, ldm, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,   \
                          cpad, 0, 4, VECTORS);                                                \
         for (; k < out_channels; k++)                                                         \
-            block_avx512(m + k * ld, ld, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,     \
+            block_avx512(m + k * ldm, ldm, 0, slots, vt + j, cpad, NULL, du + k * cpad + j,   \
                          cpad, 0, 1, VECTORS);                                                \
     } while (0)
     int64_t j = 0;
@@ -252,7 +255,17 @@ void rows_product(const float *a, const float *v, float *m, int64_t out_channels
 int transposed_product(const float *m, const float *v, float *du, int64_t out_channels,
                        int64_t channels, int64_t slots, int64_t ld, float *vt) {
     if (!cpu_has_avx512()) return 0;
-    transposed_product_avx512(m, v, du, out_channels, channels, slots, ld, vt);
+    transposed_product_avx512(m, ld, v, ld, NULL, du, out_channels, channels, slots, vt);
+    return 1;
+}
+
+int transposed_product_available(void) { return cpu_has_avx512(); }
+
+int shifted_transposed_product(const float *g, int64_t ldg, const float *x,
+                               const int64_t *offsets, float *du, int64_t out_channels,
+                               int64_t taps, int64_t slots, float *vt) {
+    if (!cpu_has_avx512()) return 0;
+    transposed_product_avx512(g, ldg, x, 0, offsets, du, out_channels, taps, slots, vt);
     return 1;
 }
 

@@ -22,6 +22,18 @@ void shifted_product(const float *a, const float *x, const int64_t *offsets, flo
 int transposed_product(const float *m, const float *v, float *du, int64_t out_channels,
                        int64_t channels, int64_t slots, int64_t ld, float *vt);
 
+/* du[k][0:taps] += sum_t g[k][t] x[offsets[tap] + t] for t < slots: the direct convolution's
+ * weight gradient against shifted views of the padded image (g: the output gradient, rows ldg
+ * apart, zero in the columns a row of the views has past the output's). du and vt as
+ * transposed_product's with channels = taps; every view readable to slots rounded up to 16.
+ * Returns 0, doing nothing, without AVX-512. */
+int shifted_transposed_product(const float *g, int64_t ldg, const float *x,
+                               const int64_t *offsets, float *du, int64_t out_channels,
+                               int64_t taps, int64_t slots, float *vt);
+
+/* Whether the two above run on this CPU. */
+int transposed_product_available(void);
+
 /* Which kernel the products run on this CPU, e.g. "AVX-512, 8x48 blocks". */
 const char *microkernel_isa(void);
 

@@ -113,3 +113,71 @@ def test_fused_conv_and_pool_on_the_shifted_path(monkeypatch):
     assert shape == conv.shape
     np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-5)
     assert (indices == expected_indices).mean() > 0.99  # ties within rounding may differ
+
+
+def _spy_shifted_weight_grad(monkeypatch):
+    """Counts the calls of the shifted weight-gradient kernel."""
+    calls = []
+    original = _conv.conv2d_weight_grad_shifted
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(_conv, "conv2d_weight_grad_shifted", spy)
+    return calls
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(cases)
+def test_shifted_weight_gradient_matches_the_reference(case):
+    p, k = case["padding"], case["k"]
+    c_in = max(case["c_in"], -(-48 // (k * k)))  # 48 taps or more: the shifted kernel's range
+    if case["h"] + 2 * p < k or case["w"] + 2 * p < k:
+        return
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal((case["n"], c_in, case["h"], case["w"])).astype(np.float32)
+    w = rng.standard_normal((case["c_out"], c_in, k, k)).astype(np.float32)
+    y_shape = fc.conv2d(x, w, stride=case["stride"], padding=p).shape
+    grad = rng.standard_normal(y_shape).astype(np.float32)
+    grad_input, grad_weight, grad_bias = F.conv2d_backward(
+        grad, x, w, stride=case["stride"], padding=p
+    )
+    expected = reference.conv2d_backward(
+        grad.astype(np.float64),
+        x.astype(np.float64),
+        w.astype(np.float64),
+        stride=case["stride"],
+        padding=p,
+    )
+    for got, want in zip((grad_input, grad_weight, grad_bias), expected):
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1.0)
+
+
+@pytest.mark.parametrize(
+    "c_in, k, kwargs, shifted",
+    [
+        (6, 5, {}, True),  # 150 taps
+        (32, 3, {"stride": 2, "padding": 1}, True),  # strided: views of the phase planes
+        (6, 3, {"padding": 1}, True),  # 54 taps
+        (5, 3, {"padding": 1}, False),  # 45 taps: BLAS measured faster
+        (1, 3, {"padding": 1}, False),
+        (6, 5, {"dilation": 2}, False),
+    ],
+)
+def test_shifted_weight_gradient_runs_exactly_where_it_applies(
+    monkeypatch, c_in, k, kwargs, shifted
+):
+    calls = _spy_shifted_weight_grad(monkeypatch)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, c_in, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((10, c_in, k, k)).astype(np.float32)
+    grad = rng.standard_normal(fc.conv2d(x, w, **kwargs).shape).astype(np.float32)
+    _, grad_weight, _ = F.conv2d_backward(grad, x, w, **kwargs, output_mask=(False, True, False))
+    runs_here = (
+        _conv.has_shifted_weight_grad and _conv.winograd_products_backend() == "micro-kernel"
+    )
+    assert len(calls) == (1 if shifted and runs_here else 0)
+    expected = reference.conv2d_backward(grad, x, w, **kwargs)[1]
+    np.testing.assert_allclose(grad_weight, expected, rtol=1e-4, atol=1e-4)
