@@ -878,9 +878,12 @@ def _matmul(
         return op_a @ op_b
     out = np.empty((m, n), a.dtype)
     if m and n:
+        threads = get_num_threads()
+        size = _conv.dense_workspace(trans_a, trans_b, m, n, k, threads)
+        (workspace,) = _workspace(a.dtype, (threads, max(size, 1)))
         _conv.team_gemm(
-            trans_a, trans_b, np.ascontiguousarray(a), np.ascontiguousarray(b), out,
-            get_num_threads(),
+            trans_a, trans_b, np.ascontiguousarray(a), np.ascontiguousarray(b), out, workspace,
+            threads,
         )  # fmt: skip
     return out
 

@@ -235,9 +235,51 @@ static AVX512 __attribute__((noinline)) void transposed_product_avx512(
 #undef GRAD_ROWS
 }
 
+/* dst[j][i] = src[i][j] for i < rows, j < cols: 16x16 blocks in registers, the edges one by one. */
+static AVX512 void transpose_avx512(const float *src, int64_t ld_src, int64_t rows, int64_t cols,
+                                    float *dst, int64_t ld_dst) {
+    int64_t i0 = 0, j0;
+    for (; i0 + 16 <= rows; i0 += 16) {
+        for (j0 = 0; j0 + 16 <= cols; j0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + (i0 + i) * ld_src + j0);
+            transpose16x16(r);
+            for (int j = 0; j < 16; j++) _mm512_storeu_ps(dst + (j0 + j) * ld_dst + i0, r[j]);
+        }
+        for (; j0 < cols; j0++)
+            for (int i = 0; i < 16; i++) dst[j0 * ld_dst + i0 + i] = src[(i0 + i) * ld_src + j0];
+    }
+    for (; i0 < rows; i0++)
+        for (j0 = 0; j0 < cols; j0++) dst[j0 * ld_dst + i0] = src[i0 * ld_src + j0];
+}
+
+/* c (m x n, rows ldc) = op(a) @ op(b), op(a) m x k, op(b) k x n, n a multiple of 16: the
+ * transposed operands copied to work first (as B^T's rows are the product's columns), then
+ * the forward's 8x48 register blocks over k in blocks of TAPS_BLOCK. */
+static AVX512 __attribute__((noinline)) void dense_avx512(
+    int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
+    const float *b, int64_t ldb, float *c, int64_t ldc, float *work) {
+    const float *rows_a = a, *rows_b = b;
+    int64_t ld_b = ldb;
+    if (trans_a || lda != k) {
+        float *packed = work;
+        if (trans_a) transpose_avx512(a, lda, k, m, packed, k);
+        else
+            for (int64_t i = 0; i < m; i++) memcpy(packed + i * k, a + i * lda, k * sizeof(float));
+        rows_a = packed;
+        work += m * k;
+    }
+    if (trans_b) {
+        transpose_avx512(b, ldb, n, k, work, n);
+        rows_b = work, ld_b = n;
+    }
+    product_avx512(rows_a, rows_b, ld_b, NULL, c, m, k, n, ldc);
+}
+
 #else
 #define product_avx512(...) ((void)0)
 #define transposed_product_avx512(...) ((void)0)
+#define dense_avx512(...) ((void)0)
 #endif
 
 const char *microkernel_isa(void) {
@@ -256,6 +298,13 @@ int transposed_product(const float *m, const float *v, float *du, int64_t out_ch
                        int64_t channels, int64_t slots, int64_t ld, float *vt) {
     if (!cpu_has_avx512()) return 0;
     transposed_product_avx512(m, ld, v, ld, NULL, du, out_channels, channels, slots, vt);
+    return 1;
+}
+
+int dense_product(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const float *a,
+                  int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc, float *work) {
+    if (!cpu_has_avx512() || n % 16 || k < 1) return 0;
+    dense_avx512(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, work);
     return 1;
 }
 

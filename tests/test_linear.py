@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastconv as fc
+from fastconv import _conv, nn
 from fastconv import functional as F
-from fastconv import nn
 from fastconv import reference as ref
 
 
@@ -51,6 +51,32 @@ def test_team_matmul_of_every_orientation(trans_a, trans_b, m):
     b = rng.standard_normal((11, 37) if trans_b else (37, 11)).astype(np.float32)
     expected = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
     np.testing.assert_allclose(F._matmul(a, b, trans_a, trans_b), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("micro_kernel", [True, False])
+@pytest.mark.parametrize(
+    "trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)]
+)
+@pytest.mark.parametrize(
+    "m, n, k", [(1, 16, 1), (9, 48, 37), (64, 128, 300), (5, 176, 129), (3, 32, 17)]
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_team_matmul_on_both_kernels(micro_kernel, trans_a, trans_b, m, n, k, threads):
+    """n a multiple of 16: the micro-kernel (on AVX-512), each thread a block of columns; or BLAS.
+    k past 128: the micro-kernel's blocks of the reduction added up."""
+    rng = np.random.default_rng(m * n + k)
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    expected = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
+    previous = fc.get_num_threads()
+    fc.set_num_threads(threads)
+    _conv.use_dense_microkernel(micro_kernel)
+    try:
+        got = F._matmul(a, b, trans_a, trans_b)
+    finally:
+        _conv.use_dense_microkernel(True)
+        fc.set_num_threads(previous)
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_linear_layer_gradients_match_torch():
