@@ -317,7 +317,7 @@ def conv2d_weight_grad_shifted(const float[:, :, ::1] grad, const float[:, :, :,
     the taps dropped); workspace: (threads, shifted_weight_grad_workspace(...)).
     """
     cdef Geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], args)
-    cdef Py_ssize_t c_out = grad.shape[1], taps = grad_weight.shape[2]
+    cdef Py_ssize_t c_out = grad.shape[1], taps = g.channels * g.kh * g.kw
     cdef Py_ssize_t wp = _phase_width(g), columns = _shifted_columns(g)
     cdef Py_ssize_t size = g.channels * _padded_plane(g) + g.kw + 16, n, o, y
     cdef int tid
@@ -335,8 +335,7 @@ def conv2d_weight_grad_shifted(const float[:, :, ::1] grad, const float[:, :, :,
                     memcpy(rows + o * columns + y * wp, &grad[n, o, y * g.out_w],
                            g.out_w * sizeof(float))
             shifted_transposed_product(rows, columns, planes, &shifts[0], &grad_weight[tid, 0, 0],
-                                       c_out, g.channels * g.kh * g.kw, g.out_h * wp,
-                                       rows + c_out * columns)
+                                       c_out, taps, g.out_h * wp, rows + c_out * columns)
 
 
 cdef bint _dense_microkernel = True
@@ -358,11 +357,12 @@ def dense_workspace(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_s
 def team_gemm(bint trans_a, bint trans_b, const real[:, ::1] a, const real[:, ::1] b,
               real[:, ::1] c, real[:, ::1] workspace, int num_threads):
     """c = op(a) @ op(b), split between the team (fastconv.functional checks the shapes; k > 0).
+    Returns the path that ran: "micro-kernel" or "BLAS".
 
     float32 on AVX-512 with n a multiple of 16: each thread a block of c's columns on the
-    micro-kernel (measured 3x BLAS on the LeNet dense layers: BLAS packs both operands on every
-    call), workspace (threads, dense_workspace(...)) holding its transposed operands. Else c's
-    rows split, each thread's GEMM on single-threaded BLAS.
+    micro-kernel (LeNet's x(64,3136) @ W^T: 0.66 -> 0.42 ms against the BLAS path, which packs
+    both operands on every call), workspace (threads, dense_workspace(...)) holding its
+    transposed operands. Else c's rows split, each thread's GEMM on single-threaded BLAS.
 
     Why not BLAS's own threads: once woken, its pool spins on the other core for milliseconds
     after every call, and the convolutions around a dense layer then ran on one core (perf: 45%
@@ -381,7 +381,7 @@ def team_gemm(bint trans_a, bint trans_b, const real[:, ::1] a, const real[:, ::
                     dense_product(trans_a, trans_b, m, n1 - n0, k, &a[0, 0], a.shape[1],
                                   &b[n0, 0] if trans_b else &b[0, n0], b.shape[1], &c[0, n0], n,
                                   &workspace[threadid(), 0])
-            return
+            return "micro-kernel"
     with nogil:
         previous = _single_threaded_blas(num_threads)
         for t in prange(teams, schedule="static", num_threads=num_threads):
@@ -392,6 +392,7 @@ def team_gemm(bint trans_a, bint trans_b, const real[:, ::1] a, const real[:, ::
                 _gemm(trans_a, trans_b, m1 - m0, n, k, &a[0, m0] if trans_a else &a[m0, 0],
                       a.shape[1], &b[0, 0], b.shape[1], 0, &c[m0, 0], n)
         _restore_blas(num_threads, previous)
+    return "BLAS"
 
 
 def conv2d_forward(const real[:, :, :, ::1] x, const real[:, :, ::1] weight,
@@ -536,9 +537,10 @@ winograd_kernels = winograd_isa().decode()
 microkernels = microkernel_isa().decode()  # the products' kernel, chosen by a CPU check
 # Whether the A B^T kernel (Winograd's and the shifted path's weight gradients) runs here
 has_shifted_weight_grad = bool(transposed_product_available())
-# The forward products run on winograd.c's micro-kernel where the CPU has vector units for it
-# (AVX2 or AVX-512 clones), else on BLAS, the portable path. The weight gradient's products
-# (long reductions, small outputs) stay on BLAS: measured faster than the micro-kernel there.
+# The forward products run on the micro-kernel where the CPU has vector units for it (AVX2 or
+# AVX-512 clones), else on BLAS, the portable path. The weight gradient's products (long
+# reductions, small outputs) run on the A B^T kernel on AVX-512 only: elsewhere BLAS measured
+# as fast.
 cdef bint _winograd_microkernels = not winograd_kernels.startswith("x86-64 (SSE2)")
 
 

@@ -259,14 +259,11 @@ static AVX512 void transpose_avx512(const float *src, int64_t ld_src, int64_t ro
 static AVX512 __attribute__((noinline)) void dense_avx512(
     int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
     const float *b, int64_t ldb, float *c, int64_t ldc, float *work) {
-    const float *rows_a = a, *rows_b = b;
+    const float *rows_a = a, *rows_b = b; /* op(a)'s rows must lie k apart: lda == k unless trans_a */
     int64_t ld_b = ldb;
-    if (trans_a || lda != k) {
-        float *packed = work;
-        if (trans_a) transpose_avx512(a, lda, k, m, packed, k);
-        else
-            for (int64_t i = 0; i < m; i++) memcpy(packed + i * k, a + i * lda, k * sizeof(float));
-        rows_a = packed;
+    if (trans_a) {
+        transpose_avx512(a, lda, k, m, work, k);
+        rows_a = work;
         work += m * k;
     }
     if (trans_b) {
@@ -303,7 +300,7 @@ int transposed_product(const float *m, const float *v, float *du, int64_t out_ch
 
 int dense_product(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const float *a,
                   int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc, float *work) {
-    if (!cpu_has_avx512() || n % 16 || k < 1) return 0;
+    if (!cpu_has_avx512() || n % 16 || k < 1 || (!trans_a && lda != k)) return 0;
     dense_avx512(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, work);
     return 1;
 }

@@ -32,8 +32,8 @@ int shifted_transposed_product(const float *g, int64_t ldg, const float *x,
                                int64_t taps, int64_t slots, float *vt);
 
 /* c (m x n, rows ldc) = op(a) @ op(b) (op: the transpose where trans_*), a and b row-major with
- * rows lda and ldb apart: the dense layers' GEMMs, no packing but the transposes. work: m * k
- * floats where trans_a (or lda != k), plus k * n where trans_b. Returns 0, doing nothing, without
+ * rows lda and ldb apart (lda == k unless trans_a): the dense layers' GEMMs, no packing but the
+ * transposes. work: m * k floats where trans_a, plus k * n where trans_b. Returns 0, doing nothing, without
  * AVX-512 or where n is not a multiple of 16. */
 int dense_product(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const float *a,
                   int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc, float *work);

@@ -61,9 +61,12 @@ def test_team_matmul_of_every_orientation(trans_a, trans_b, m):
     "m, n, k", [(1, 16, 1), (9, 48, 37), (64, 128, 300), (5, 176, 129), (3, 32, 17)]
 )
 @pytest.mark.parametrize("threads", [1, 2])
-def test_team_matmul_on_both_kernels(micro_kernel, trans_a, trans_b, m, n, k, threads):
+def test_team_matmul_on_both_kernels(monkeypatch, micro_kernel, trans_a, trans_b, m, n, k, threads):
     """n a multiple of 16: the micro-kernel (on AVX-512), each thread a block of columns; or BLAS.
-    k past 128: the micro-kernel's blocks of the reduction added up."""
+    k past 128: the micro-kernel's blocks of the reduction added up. A spy records the path."""
+    paths = []
+    team_gemm = _conv.team_gemm
+    monkeypatch.setattr(_conv, "team_gemm", lambda *args: paths.append(team_gemm(*args)))
     rng = np.random.default_rng(m * n + k)
     a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
@@ -77,6 +80,8 @@ def test_team_matmul_on_both_kernels(micro_kernel, trans_a, trans_b, m, n, k, th
         _conv.use_dense_microkernel(True)
         fc.set_num_threads(previous)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    on_avx512 = _conv.has_shifted_weight_grad  # the same CPU check as the dense kernel's
+    assert paths == ["micro-kernel" if micro_kernel and on_avx512 else "BLAS"]
 
 
 def test_linear_layer_gradients_match_torch():
