@@ -15,7 +15,9 @@ from libc.stdint cimport int64_t
 
 from common cimport real, valid_range
 from pooling cimport (
-    Pool, interior_windows, make_pool, max_plane, max_plane_interior, max_plane_values,
+    Pool, avg_pool_2x2_backward_double, avg_pool_2x2_backward_float, avg_pool_2x2_double,
+    avg_pool_2x2_float, interior_windows, is_2x2, make_pool, max_plane, max_plane_interior,
+    max_plane_values,
 )
 
 
@@ -125,6 +127,12 @@ cdef void _avg_plane_interior(const real *x, real *out, Pool g) noexcept nogil:
     """_avg_plane when every window lies inside the plane: a constant divisor, no clipping."""
     cdef Py_ssize_t oh, ow, i, j, start
     cdef real total, scale = 1.0 / (g.kh * g.kw)
+    if is_2x2(g):
+        if real is float:
+            avg_pool_2x2_float(x, g.width, g.out_h, g.out_w, out)
+        else:
+            avg_pool_2x2_double(x, g.width, g.out_h, g.out_w, out)
+        return
     for oh in range(g.out_h):
         for ow in range(g.out_w):
             start = oh * g.sh * g.width + ow * g.sw
@@ -138,6 +146,12 @@ cdef void _avg_plane_interior(const real *x, real *out, Pool g) noexcept nogil:
 cdef void _avg_plane_backward_interior(const real *grad, real *grad_input, Pool g) noexcept nogil:
     cdef Py_ssize_t oh, ow, i, j, start
     cdef real share, scale = 1.0 / (g.kh * g.kw)
+    if is_2x2(g):
+        if real is float:
+            avg_pool_2x2_backward_float(grad, g.height, g.width, g.out_h, g.out_w, grad_input)
+        else:
+            avg_pool_2x2_backward_double(grad, g.height, g.width, g.out_h, g.out_w, grad_input)
+        return
     for i in range(g.height * g.width):
         grad_input[i] = 0
     for oh in range(g.out_h):

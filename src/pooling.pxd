@@ -6,11 +6,19 @@ from libc.stdint cimport int64_t
 
 from common cimport real, valid_range
 
-cdef extern from "max_pool_2x2.h":
+cdef extern from "pool_2x2.h":
     void max_pool_2x2_float(const float *x, int64_t width, int64_t out_h, int64_t out_w,
                             float *out, int64_t *indices) noexcept nogil
     void max_pool_2x2_double(const double *x, int64_t width, int64_t out_h, int64_t out_w,
                              double *out, int64_t *indices) noexcept nogil
+    void avg_pool_2x2_float(const float *x, int64_t width, int64_t out_h, int64_t out_w,
+                            float *out) noexcept nogil
+    void avg_pool_2x2_double(const double *x, int64_t width, int64_t out_h, int64_t out_w,
+                             double *out) noexcept nogil
+    void avg_pool_2x2_backward_float(const float *grad, int64_t height, int64_t width,
+                                     int64_t out_h, int64_t out_w, float *grad_input) noexcept nogil
+    void avg_pool_2x2_backward_double(const double *grad, int64_t height, int64_t width,
+                                      int64_t out_h, int64_t out_w, double *grad_input) noexcept nogil
 
 
 cdef struct Pool:

@@ -98,6 +98,23 @@ def test_avg_pool2d_backward(case):
     assert_close(fc.avg_pool2d_backward(grad, x, **case.kwargs), expected)
 
 
+# 2x2/2 windows inside the plane run on their own kernels (AVX-512 where the CPU has it: 16
+# windows per step, so widths around 16 and 32 windows test the masked tails); odd heights
+# and widths leave input rows and columns no window covers, whose gradient must be zero.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 33), (3, 1, 5, 65), (1, 1, 2, 2)])
+def test_avg_pool2d_2x2(shape, dtype):
+    x = random_array(3, shape, dtype)
+    out = fc.avg_pool2d(x, 2)
+    assert_close(out, ref.avg_pool2d(x, 2))
+    grad = grad_like(out)
+    grad_input = fc.avg_pool2d_backward(grad, x, 2)
+    assert_close(grad_input, ref.avg_pool2d_backward(grad, x, 2))
+    uncovered = np.ones(shape, dtype=bool)
+    uncovered[..., : 2 * out.shape[2], : 2 * out.shape[3]] = False
+    assert not grad_input[uncovered].any()
+
+
 @settings(max_examples=EXAMPLES)
 @given(unfold_cases())
 def test_unfold(case):

@@ -31,8 +31,8 @@ for algo in ("winograd", "direct"):
         errors[f"{algo} {n, c, h, w, k, p, s}"] = max(
             float(np.abs(a - b).max() / np.abs(b).max()) for a, b in ((y, ey), (gi, egi), (gw, egw))
         )
-mismatches = []  # max pooling 2x2 and relu: exact, NaNs included (torch's rules)
-for n, c, h, w in [(2, 3, 8, 8), (1, 2, 7, 37), (3, 1, 5, 18), (1, 1, 2, 2)]:
+mismatches = []  # max pooling 2x2 and relu: exact, NaNs included (torch's rules); avg 2x2 close
+for n, c, h, w in [(2, 3, 8, 8), (1, 2, 7, 37), (3, 1, 5, 18), (1, 1, 2, 2), (1, 2, 9, 65)]:
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
     x.reshape(-1)[rng.integers(x.size, size=3)] = np.nan
     x[..., 0, :2] = 1.5  # ties: the first in scan order wins
@@ -44,6 +44,15 @@ for n, c, h, w in [(2, 3, 8, 8), (1, 2, 7, 37), (3, 1, 5, 18), (1, 1, 2, 2)]:
         mismatches.append(f"max_pool2d {x.shape}")
     if not np.array_equal(fc.relu(x), ref.relu(x), equal_nan=True):
         mismatches.append(f"relu {x.shape}")
+    finite = np.nan_to_num(x).astype(np.float32)
+    out = fc.avg_pool2d(finite, 2)
+    grad = rng.standard_normal(out.shape, dtype=np.float32)
+    pairs = ((out, ref.avg_pool2d(finite.astype(np.float64), 2)),
+             (fc.avg_pool2d_backward(grad, finite, 2),
+              ref.avg_pool2d_backward(grad.astype(np.float64), finite.astype(np.float64), 2)))
+    errors[f"avg_pool2d {x.shape}"] = max(
+        float(np.abs(a - b).max() / np.abs(b).max()) for a, b in pairs
+    )
 print(json.dumps({"microkernels": _conv.microkernels, "errors": errors, "mismatches": mismatches}))
 """
 
