@@ -92,14 +92,8 @@ static FASTCONV_AVX512 void max_pool_2x2_avx512(const float *x, int64_t width, i
             __m512 b = _mm512_permutexvar_ps(split, _mm512_maskz_loadu_ps(load, bottom + 2 * ow));
             __m256 v[4] = {_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1),
                            _mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1)};
-            __m256 best = v[0];
-            __m256i at = _mm256_setzero_si256();
-            for (int i = 1; i < 4; i++) { /* greater, or NaN: the first maximum, the last NaN */
-                __mmask8 take = _mm256_cmp_ps_mask(v[i], best, _CMP_GT_OQ) |
-                                _mm256_cmp_ps_mask(v[i], v[i], _CMP_UNORD_Q);
-                best = _mm256_mask_blend_ps(take, best, v[i]);
-                at = _mm256_mask_blend_epi32(take, at, _mm256_set1_epi32(i));
-            }
+            __m256i at;
+            __m256 best = window_max_avx512(v, &at);
             _mm256_mask_storeu_ps(out + oh * out_w + ow, keep, best);
             if (!indices) continue;
             __m512i a = _mm512_cvtepi32_epi64(at);
