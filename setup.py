@@ -23,7 +23,8 @@ KERNELS = ["_conv", "_pool", "_norm", "_pointwise"]  # src/<name>.pyx -> fastcon
 # Hand-written C compiled into a kernel module beside its .pyx.
 C_SOURCES = {
     "_conv": [
-        "src/winograd.c", "src/microkernels.c", "src/pool_2x2.c", "src/im2col.c"
+        "src/winograd.c", "src/winograd_f4.c", "src/microkernels.c", "src/pool_2x2.c",
+        "src/im2col.c",
     ],
     "_pool": ["src/pool_2x2.c"],
     "_pointwise": ["src/pointwise.c"],

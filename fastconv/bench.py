@@ -55,8 +55,11 @@ def _onnxruntime():
 
 
 def _conv_algorithm(x, w, stride, padding) -> str:
-    geometry = _args.conv_args(x, w, stride, padding, 1, 1).geometry
-    return F.conv2d_algorithm(geometry, w.shape[0], 1, w.dtype)
+    g = _args.conv_args(x, w, stride, padding, 1, 1).geometry
+    algorithm = F.conv2d_algorithm(g, w.shape[0], 1, w.dtype)
+    if algorithm == "winograd" and F._winograd4_pays((g.pad_top, g.pad_left, g.out_h, g.out_w)):
+        return "winograd F(4x4)"  # the forward's tiles (the weight gradient stays on F(2x2))
+    return algorithm
 
 
 # --- convolution -------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ _conv_algorithm = _checked_algorithm(
 
 def set_conv_algorithm(algorithm: str) -> None:
     """How convolutions run: "auto" (by shape, the default; or $FASTCONV_CONV_ALGO), "direct"
-    (im2col + GEMM) or "winograd" (F(2x2, 3x3) wherever it applies: 3x3 kernel, stride 1,
+    (im2col + GEMM) or "winograd" (F(2x2, 3x3), or F(4x4, 3x3) for the forward and input
+    gradient of outputs 16 or more wide and high, wherever it applies: 3x3 kernel, stride 1,
     dilation 1, one group, float32; direct elsewhere)."""
     global _conv_algorithm
     _conv_algorithm = _checked_algorithm("algorithm", algorithm)
@@ -163,32 +164,80 @@ def _winograd_block(
     return max(1, _ceil_div(rows, blocks))
 
 
+def _winograd4_block(n: int, args: tuple[int, int, int, int], threads: int) -> int:
+    """Rows of 4x4 tiles per block, split evenly between the threads: about 48 tiles (one
+    register block of the products' columns) for rows of up to 4 tiles, 96 for longer ones
+    (measured best at 14x14 and at 28x28 / 32x32 outputs: the 36 points' planes of a block
+    then fill about L2)."""
+    tiles_w, rows = _ceil_div(args[3], 4), n * _ceil_div(args[2], 4)
+    target = max(1, round((48 if tiles_w <= 4 else 96) / tiles_w))
+    blocks = _ceil_div(_ceil_div(rows, target), threads) * threads
+    return max(1, _ceil_div(rows, blocks))
+
+
+def _winograd4_weight(weight: np.ndarray, flip: bool) -> np.ndarray:
+    """F(4x4)'s (36, C_out, C_in) transform of the filters (flip: (36, C_in, C_out))."""
+    c_out, c_in = weight.shape[:2]
+    u = np.empty((36, c_in, c_out) if flip else (36, c_out, c_in), np.float32)
+    _conv.winograd4_weight(np.ascontiguousarray(weight), u, flip)
+    return u
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _winograd4_pays(args: tuple[int, int, int, int]) -> bool:
+    """Whether F(4x4, 3x3) runs: its AVX-512 transforms, outputs of 16 or more rows and
+    columns. Measured against F(2x2), x(64,32,h,h) -> 64: 1.3x faster at 28x28, 1.6x on
+    x(64,64,32,32); level at 12x12 and 14x14 (4x4 tiles overhang a 14-wide output by 2 columns
+    and rows, and the 36 points' transforms cost more per tile), 10-15% slower at 8x8 and 10x10."""
+    return (
+        _use_winograd4
+        and _conv.has_winograd4
+        and _conv.winograd_products_backend() == "micro-kernel"
+        and min(args[2:]) >= 16
+    )
+
+
+_use_winograd4 = True  # tests and A/B runs switch F(4x4) off to compare
+
+
 def _winograd_conv2d(
     x: np.ndarray,
-    u: np.ndarray,
+    weight: np.ndarray,
     bias: np.ndarray | None,
     out: np.ndarray,
     args: tuple[int, int, int, int],
     threads: int,
     indices: np.ndarray | None = None,
     pool: int = 0,
+    flip: bool = False,
 ) -> None:
-    """out = conv2d(x) given u = _winograd_weight(weight); args: (pad_top, pad_left, out_h, out_w).
+    """out = conv2d(x, weight) by Winograd; args: (pad_top, pad_left, out_h, out_w). flip: by the
+    flipped, transposed weight instead (the input gradient's).
 
-    pool 1 or 2: out = max_pool2d(conv2d(x), 2) instead (2: with its indices)."""
+    pool 1 or 2: out = max_pool2d(conv2d(x), 2) instead (2: with its indices), on F(2x2)'s
+    transforms, whose 2x2 tile is one pooling window; without pooling F(4x4) where it pays."""
+    f4 = not pool and _winograd4_pays(args)
+    u = _winograd4_weight(weight, flip) if f4 else _winograd_weight(weight, flip)
     c_in, c_out = x.shape[1], u.shape[1]
-    block = _winograd_block(x.shape[0], args, c_in, c_out, threads)
-    size = _conv.winograd_workspace_size(c_in, c_out, args, block)
+    if f4:
+        block = _winograd4_block(x.shape[0], args, threads)
+        size = _conv.winograd4_workspace_size(c_in, c_out, args, block)
+    else:
+        block = _winograd_block(x.shape[0], args, c_in, c_out, threads)
+        size = _conv.winograd_workspace_size(c_in, c_out, args, block)
     (workspace,) = _workspace(np.float32, (threads, size))
     has_bias = bias is not None
+    bias = bias if has_bias else np.zeros(1, np.float32)
+    if f4:
+        _conv.winograd4_conv2d_forward(x, u, bias, out, workspace, args, block, has_bias, threads)
+        return
     _conv.winograd_conv2d_forward(
         x,
         u,
-        bias if has_bias else np.zeros(1, np.float32),
+        bias,
         out,
         indices if indices is not None else np.empty((1, 1, 1, 1), np.int64),
         workspace,
@@ -265,7 +314,7 @@ def conv2d(
     threads = get_num_threads()
     if conv2d_algorithm(g, c_out, groups, w.dtype) == "winograd" and _all_finite(a.x, w):
         args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
-        _winograd_conv2d(a.x, _winograd_weight(w), bias, out, args, threads)
+        _winograd_conv2d(a.x, w, bias, out, args, threads)
         return _finish(out, a.unbatched)
     if _blas_in_kernels():
         shifts, shifted, workspace = _direct_workspace(g, c_out, groups, w.dtype, threads)
@@ -341,9 +390,7 @@ def _conv2d_max_pool2d(
         out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
         indices: np.ndarray | None = np.empty(out.shape, np.int64) if with_indices else None
         args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
-        _winograd_conv2d(
-            a.x, _winograd_weight(w), bias, out, args, threads, indices, 2 if with_indices else 1
-        )
+        _winograd_conv2d(a.x, w, bias, out, args, threads, indices, 2 if with_indices else 1)
         return out, indices, conv_shape
     out = np.empty((g.n, c_out, p.out_h, p.out_w), dtype=w.dtype)
     indices = np.empty(out.shape if with_indices else (1, 1, 1, 1), dtype=np.int64)
@@ -546,7 +593,7 @@ def _winograd_conv2d_backward(
         _conv.winograd_weight_grad(grad_u, grad_weight)
     if grad_input is not None:
         args = (2 - g.pad_top, 2 - g.pad_left, g.h, g.w)
-        _winograd_conv2d(grad, _winograd_weight(weight, flip=True), None, grad_input, args, threads)
+        _winograd_conv2d(grad, weight, None, grad_input, args, threads, flip=True)
     return grad_weight
 
 
@@ -946,7 +993,8 @@ def kernel_info() -> dict:
         "conv_gemm": "BLAS called by the kernels, one thread each"
         if _blas.kernels_call_blas()
         else "NumPy matmul on batch chunks (no CBLAS symbol found, or FASTCONV_BLAS=numpy)",
-        "winograd": f"F(2x2,3x3), products on {'the micro-kernel' if microkernel else 'BLAS'}, "
+        "winograd": f"F(2x2,3x3){' and F(4x4,3x3)' if _conv.has_winograd4 else ''}, products "
+        f"on {'the micro-kernel' if microkernel else 'BLAS'}, "
         f"{_conv.winograd_kernels}",
         "microkernels": _conv.microkernels,
         "conv_algorithm": get_conv_algorithm(),

@@ -515,6 +515,15 @@ cdef extern from "winograd.h":
     void winograd_weight_grad_transform(const float *du, int64_t out_channels,
                                         int64_t channels, float *grad_w) noexcept nogil
     const char *winograd_isa()
+    int winograd4_available()
+    int64_t winograd4_slots(const WinogradGeometry *g, int64_t rows) noexcept nogil
+    void winograd4_input_transform(const float *x, const WinogradGeometry *g, int64_t first_row,
+                                   int64_t rows, float *v, int64_t ld) noexcept nogil
+    void winograd4_output_transform(const float *m, int64_t ld, int64_t out_channels,
+                                    const WinogradGeometry *g, int64_t first_row, int64_t rows,
+                                    const float *bias, float *out) noexcept nogil
+    void winograd4_weight_transform(const float *w, int64_t out_channels, int64_t channels,
+                                    int flip, float *u) noexcept nogil
 
 cdef extern from "microkernels.h":
     const char *microkernel_isa()
@@ -534,6 +543,8 @@ cdef extern from "microkernels.h":
                       float *work) noexcept nogil
 
 winograd_kernels = winograd_isa().decode()
+# F(4x4, 3x3) runs where its AVX-512 transforms do (and the products are on the micro-kernel)
+has_winograd4 = bool(winograd4_available())
 microkernels = microkernel_isa().decode()  # the products' kernel, chosen by a CPU check
 # Whether the A B^T kernel (Winograd's and the shifted path's weight gradients) runs here
 has_shifted_weight_grad = bool(transposed_product_available())
@@ -692,3 +703,66 @@ def winograd_conv2d_weight_grad(const float[:, :, :, ::1] grad, const float[:, :
                     _gemm(False, True, c_out, c_in, slots, m + p * c_out * ld, ld,
                           v + p * c_in * ld, ld, 1, &grad_u[tid, p, 0, 0], grad_u.shape[3])
         _restore_blas(num_threads, previous)
+
+
+# --- Winograd F(4x4, 3x3): 36 points, 4x4 tiles (winograd_f4.c) ------------------------------
+
+cdef WinogradGeometry _winograd4_geometry(Py_ssize_t channels, Py_ssize_t height,
+                                          Py_ssize_t width, tuple args):
+    cdef WinogradGeometry g = _winograd_geometry(channels, height, width, args)
+    g.tiles_h, g.tiles_w = (g.out_h + 3) // 4, (g.out_w + 3) // 4
+    return g
+
+
+cdef Py_ssize_t _leading_dimension4(const WinogradGeometry *g, Py_ssize_t rows, Py_ssize_t c_in,
+                                    Py_ssize_t c_out) noexcept nogil:
+    """As _leading_dimension, for F(4x4)'s slots (36 point planes written or read at once)."""
+    cdef Py_ssize_t ld = winograd_padded(winograd4_slots(g, rows)), extra
+    for extra in range(16):
+        if (c_in * (ld + extra)) % 512 and (c_out * (ld + extra)) % 512:
+            return ld + extra
+    return ld
+
+
+def winograd4_weight(const float[:, :, :, ::1] weight, float[:, :, ::1] u, bint flip):
+    """u = F(4x4)'s transform (36, C_out, C_in) of weight (C_out, C_in, 3, 3); flip: (36, C_in,
+    C_out) of its flipped transpose."""
+    with nogil:
+        winograd4_weight_transform(&weight[0, 0, 0, 0], weight.shape[0], weight.shape[1], flip,
+                                   &u[0, 0, 0])
+
+
+def winograd4_workspace_size(Py_ssize_t channels, Py_ssize_t out_channels, tuple args,
+                             Py_ssize_t rows):
+    """Floats of one thread's workspace for F(4x4) blocks of `rows` rows of tiles."""
+    cdef WinogradGeometry g = _winograd4_geometry(channels, 0, 0, args)
+    return 36 * (channels + out_channels) * _leading_dimension4(&g, rows, channels, out_channels)
+
+
+def winograd4_conv2d_forward(const float[:, :, :, ::1] x, const float[:, :, ::1] u,
+                             const float[::1] bias, float[:, :, :, ::1] out,
+                             float[:, ::1] workspace, tuple args, Py_ssize_t rows,
+                             bint has_bias, int num_threads):
+    """out = conv2d(x, w) + bias by F(4x4, 3x3) from u = winograd4_weight(w); as
+    winograd_conv2d_forward otherwise (no pooling). Needs has_winograd4."""
+    if not has_winograd4:
+        raise RuntimeError("F(4x4, 3x3) needs the AVX-512 kernels, which this CPU lacks")
+    cdef WinogradGeometry g = _winograd4_geometry(x.shape[1], x.shape[2], x.shape[3], args)
+    cdef Py_ssize_t c_in = x.shape[1], c_out = u.shape[1]
+    cdef Py_ssize_t ld = _leading_dimension4(&g, rows, c_in, c_out)
+    cdef Py_ssize_t total = x.shape[0] * g.tiles_h
+    cdef Py_ssize_t blocks = (total + rows - 1) // rows, b, first, count, p
+    cdef float *v
+    cdef float *m
+    with nogil:
+        for b in prange(blocks, schedule="static", num_threads=num_threads):
+            v = &workspace[threadid(), 0]
+            m = v + 36 * c_in * ld
+            first = b * rows
+            count = min(rows, total - first)
+            winograd4_input_transform(&x[0, 0, 0, 0], &g, first, count, v, ld)
+            for p in range(36):
+                rows_product(&u[p, 0, 0], v + p * c_in * ld, m + p * c_out * ld, c_out, c_in,
+                             winograd_padded(winograd4_slots(&g, count)), ld)
+            winograd4_output_transform(m, ld, c_out, &g, first, count,
+                                       &bias[0] if has_bias else NULL, &out[0, 0, 0, 0])

@@ -60,4 +60,17 @@ void winograd_weight_grad_transform(const float *du, int64_t out_channels, int64
 /* Which compiled variant of the transforms this CPU runs. */
 const char *winograd_isa(void);
 
+/* F(4x4, 3x3) (winograd_f4.c): 4x4 tiles (tiles_h, tiles_w = ceil(out / 4)) from 6x6 patches,
+ * 36 points p = 6i + j, tiles_w slots per row of tiles (no dummy). AVX-512 only: where
+ * winograd4_available() is 0 the transforms do nothing. */
+int winograd4_available(void);
+int64_t winograd4_slots(const WinogradGeometry *g, int64_t rows);
+void winograd4_input_transform(const float *x, const WinogradGeometry *g, int64_t first_row,
+                               int64_t rows, float *v, int64_t ld);
+void winograd4_output_transform(const float *m, int64_t ld, int64_t out_channels,
+                                const WinogradGeometry *g, int64_t first_row, int64_t rows,
+                                const float *bias, float *out);
+void winograd4_weight_transform(const float *w, int64_t out_channels, int64_t channels, int flip,
+                                float *u);
+
 #endif

@@ -39,6 +39,7 @@ def calls(monkeypatch):
     counts = {}
     for name in (
         "winograd_conv2d_forward",
+        "winograd4_conv2d_forward",
         "winograd_conv2d_weight_grad",
         "conv2d_forward",
         "conv2d_backward",
@@ -140,7 +141,12 @@ def test_winograd_on_benchmark_shapes(shape, calls):
     fc.set_conv_algorithm("winograd")
     y = fc.conv2d(x, w, padding=1)
     gx, gw, _ = fc.conv2d_backward(np.ones_like(y), x, w, padding=1)
-    assert calls == {"winograd_conv2d_forward": 2, "winograd_conv2d_weight_grad": 1}
+    # F(4x4) where it pays (outputs of 16 or more, AVX-512), else F(2x2): Winograd either way
+    f4 = 2 if F._winograd4_pays((1, 1, h, w_)) else 0
+    expected_calls = {"winograd_conv2d_forward": 2 - f4, "winograd4_conv2d_forward": f4}
+    assert calls == {"winograd_conv2d_weight_grad": 1} | {
+        k: v for k, v in expected_calls.items() if v
+    }
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     assert relative_error(y, reference.conv2d(x64, w64, padding=1)) < TOLERANCE
     egx, egw, _ = reference.conv2d_backward(np.ones(y.shape), x64, w64, padding=1)
