@@ -98,7 +98,7 @@ _conv_algorithm = _checked_algorithm(
 def set_conv_algorithm(algorithm: str) -> None:
     """How convolutions run: "auto" (by shape, the default; or $FASTCONV_CONV_ALGO), "direct"
     (im2col + GEMM) or "winograd" (F(2x2, 3x3), or F(4x4, 3x3) for the forward and input
-    gradient of outputs 16 or more wide and high, wherever it applies: 3x3 kernel, stride 1,
+    gradient of outputs 12 or more wide and high, wherever it applies: 3x3 kernel, stride 1,
     dilation 1, one group, float32; direct elsewhere)."""
     global _conv_algorithm
     _conv_algorithm = _checked_algorithm("algorithm", algorithm)
@@ -188,15 +188,15 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _winograd4_pays(args: tuple[int, int, int, int]) -> bool:
-    """Whether F(4x4, 3x3) runs: its AVX-512 transforms, outputs of 16 or more rows and
-    columns. Measured against F(2x2), x(64,32,h,h) -> 64: 1.3x faster at 28x28, 1.6x on
-    x(64,64,32,32); level at 12x12 and 14x14 (4x4 tiles overhang a 14-wide output by 2 columns
-    and rows, and the 36 points' transforms cost more per tile), 10-15% slower at 8x8 and 10x10."""
+    """Whether F(4x4, 3x3) runs: its AVX-512 transforms, outputs of 12 or more rows and
+    columns. Measured against F(2x2), x(64,32,h,h) -> 64 (medians, one run each): 1.1-1.25x
+    faster at 12x12 and 14x14, 1.3x at 28x28, 1.6x on x(64,64,32,32); level at 8x8, slower at
+    10x10 (4x4 tiles overhang a 10-wide output by 2 columns and rows)."""
     return (
         _use_winograd4
         and _conv.has_winograd4
         and _conv.winograd_products_backend() == "micro-kernel"
-        and min(args[2:]) >= 16
+        and min(args[2:]) >= 12
     )
 
 

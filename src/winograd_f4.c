@@ -134,8 +134,10 @@ static inline FASTCONV_AVX512 void store_points4(v8 col[6], float *out, int64_t 
     INPUT_POINTS(col, t);
     for (int j = 0; j < 6; j++) {
         float *dst = out + (6 * i + j) * point_stride;
-        _mm256_mask_storeu_ps(dst, keep, (__m256)t[j]);
-        if (keep_next) _mm256_mask_storeu_ps(dst + next_offset, keep_next, (__m256)t[j]);
+        /* rows of exactly 4 tiles: the paired row's slots follow on, one store */
+        _mm256_mask_storeu_ps(dst, next_offset ? keep : keep | keep_next, (__m256)t[j]);
+        if (keep_next && next_offset)
+            _mm256_mask_storeu_ps(dst + next_offset, keep_next, (__m256)t[j]);
     }
 }
 
@@ -217,15 +219,19 @@ static FASTCONV_AVX512 void input_transform4(const float *x, const WinogradGeome
 static inline FASTCONV_AVX512 void output_rows4(const float *at, int64_t ps, __mmask8 live,
                                                 __mmask8 live_next, int64_t next_offset,
                                                 v8 s[4][6]) {
+#pragma GCC unroll 6
     for (int j = 0; j < 6; j++) {
         v8 col[6], o[4];
+#pragma GCC unroll 6
         for (int i = 0; i < 6; i++) {
             const float *p = at + (6 * i + j) * ps;
-            __m256 value = _mm256_maskz_loadu_ps(live, p);
-            if (live_next) value = _mm256_mask_loadu_ps(value, live_next, p + next_offset);
+            __m256 value = _mm256_maskz_loadu_ps(next_offset ? live : live | live_next, p);
+            if (live_next && next_offset)
+                value = _mm256_mask_loadu_ps(value, live_next, p + next_offset);
             col[i] = (v8)value;
         }
         OUTPUT_POINTS(col, o);
+#pragma GCC unroll 4
         for (int r = 0; r < 4; r++) s[r][j] = o[r];
     }
 }
@@ -264,9 +270,11 @@ static FASTCONV_AVX512 void output_transform4(const float *m, int64_t ld, int64_
                 const int64_t columns = g->out_w - 4 * q0;
                 const __mmask16 left = columns16(0, 0, columns);
                 const __mmask16 right = paired ? left : columns16(16, 0, columns);
+#pragma GCC unroll 4
                 for (int r = 0; r < 4; r++) {
                     v8 o[4];
                     OUTPUT_POINTS(s[r], o);
+#pragma GCC unroll 4
                     for (int j = 0; j < 4; j++) o[j] += b;
                     __m512 lo01 = _mm512_insertf32x8(_mm512_castps256_ps512((__m256)o[0]),
                                                      (__m256)o[1], 1);

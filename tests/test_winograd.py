@@ -99,20 +99,25 @@ def test_winograd_forward_and_gradients_match_the_float64_reference(case):
         x = x[0]
     fc.set_conv_algorithm("winograd")
     counts = {}
-    original = _conv.winograd_conv2d_forward
+    originals = {
+        n: getattr(_conv, n) for n in ("winograd_conv2d_forward", "winograd4_conv2d_forward")
+    }
 
-    def spy(*args):
+    def spy(*args, _name):
         counts["forward"] = counts.get("forward", 0) + 1
-        return original(*args)
+        return originals[_name](*args)
 
-    _conv.winograd_conv2d_forward = spy
+    for name in originals:
+        setattr(_conv, name, lambda *args, _name=name: spy(*args, _name=_name))
     try:
         y = fc.conv2d(x, w, b, padding=case["padding"])
         gy = rng.standard_normal(y.shape).astype(np.float32)
         gx, gw, gb = fc.conv2d_backward(gy, x, w, padding=case["padding"])
     finally:
-        _conv.winograd_conv2d_forward = original
-    assert counts["forward"] == 2  # the output and the input gradient both ran Winograd
+        for name, original in originals.items():
+            setattr(_conv, name, original)
+    # the output and the input gradient both ran Winograd (F(2x2), or F(4x4) from 12x12 on)
+    assert counts["forward"] == 2
 
     x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
     b64 = None if b is None else b.astype(np.float64)
