@@ -54,11 +54,14 @@ def _onnxruntime():
     return onnxruntime
 
 
-def _conv_algorithm(x, w, stride, padding) -> str:
+def _conv_algorithm(x, w, stride, padding, tiles: bool = True) -> str:
+    """conv2d_algorithm's name; tiles: "winograd F(4x4)" where the forward runs 4x4 tiles (the
+    weight gradient stays on F(2x2))."""
     g = _args.conv_args(x, w, stride, padding, 1, 1).geometry
     algorithm = F.conv2d_algorithm(g, w.shape[0], 1, w.dtype)
-    if algorithm == "winograd" and F._winograd4_pays((g.pad_top, g.pad_left, g.out_h, g.out_w)):
-        return "winograd F(4x4)"  # the forward's tiles (the weight gradient stays on F(2x2))
+    args = (g.pad_top, g.pad_left, g.out_h, g.out_w)
+    if tiles and algorithm == "winograd" and F._winograd4_pays(args):
+        return "winograd F(4x4)"
     return algorithm
 
 
@@ -272,12 +275,15 @@ MODELS = {"LeNet": (fastconv_lenet, torch_lenet), "LeNet-5": (fastconv_lenet5, t
 
 
 def _model_algorithms(model, x) -> str:
-    """The algorithm of each Conv2d, in order, on the shapes x gives them (e.g. direct+winograd)."""
+    """The algorithm of each Conv2d, in order, on the shapes x gives them (e.g. direct+winograd);
+    no tile size: a convolution fused with its pooling runs F(2x2) whatever its shape."""
     found = []
     with nn.no_grad():
         for layer in model.layers:
             if isinstance(layer, nn.Conv2d):
-                found.append(_conv_algorithm(x, layer.weight.data, layer.stride, layer.padding))
+                found.append(
+                    _conv_algorithm(x, layer.weight.data, layer.stride, layer.padding, False)
+                )
             x = layer(x)
     return "+".join(found)
 

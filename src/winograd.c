@@ -67,12 +67,6 @@ static void advance(const WinogradGeometry *g, RowCursor *r) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-/* Image columns [lo, hi) of staged columns [first, first + 16), as a load mask. */
-static inline FASTCONV_AVX512 __mmask16 columns_mask(int64_t first, int64_t lo, int64_t hi) {
-    int64_t a = clamp64(lo - first, 0, 16), b = clamp64(hi - first, 0, 16);
-    return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
-}
-
 /* The input transform with both passes in registers, 8 slots at a time: per tile row and
  * channel, masked loads of the four image rows (zeros outside the image, no staging copy),
  * B^T d down the columns, then two permutes give each slot's columns 2q .. 2q + 3 and (B^T d) B
@@ -317,10 +311,6 @@ static inline FASTCONV_AVX512 void output_tiles_avx512(const float *q, int64_t p
     y[1] = _mm256_sub_ps(_mm256_sub_ps(s0[1], s0[2]), s0[3]);
     y[2] = _mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), s1[2]);
     y[3] = _mm256_sub_ps(_mm256_sub_ps(s1[1], s1[2]), s1[3]);
-}
-
-static inline __mmask8 first_lanes8(int64_t count) {
-    return (__mmask8)(count >= 8 ? 0xff : (1u << count) - 1);
 }
 
 /* The output transform straight from the products to the output rows, 8 tiles at a time: one

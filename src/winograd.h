@@ -60,6 +60,25 @@ void winograd_weight_grad_transform(const float *du, int64_t out_channels, int64
 /* Which compiled variant of the transforms this CPU runs. */
 const char *winograd_isa(void);
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#include "multiversion.h"
+
+/* Load and store masks of the AVX-512 transforms: staged columns [first, first + 16) that lie
+ * in [lo, hi), and the first `count` of 8 lanes (none when count <= 0). */
+static inline FASTCONV_AVX512 __mmask16 columns_mask(int64_t first, int64_t lo, int64_t hi) {
+    int64_t a = lo - first, b = hi - first;
+    a = a < 0 ? 0 : (a > 16 ? 16 : a);
+    b = b < a ? a : (b > 16 ? 16 : b);
+    return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+static inline __mmask8 first_lanes8(int64_t count) {
+    return (__mmask8)(count >= 8 ? 0xff : (count <= 0 ? 0 : (1u << count) - 1));
+}
+#endif
+
 /* F(4x4, 3x3) (winograd_f4.c): 4x4 tiles (tiles_h, tiles_w = ceil(out / 4)) from 6x6 patches,
  * 36 points p = 6i + j, tiles_w slots per row of tiles (no dummy). AVX-512 only: where
  * winograd4_available() is 0 the transforms do nothing. */

@@ -89,17 +89,6 @@ int winograd4_available(void) { return cpu_has_avx512(); }
         o[3] = (m[1] - m[2]) + 8.0f * m[3] - 0.125f * m[4] + m[5];                           \
     } while (0)
 
-static inline FASTCONV_AVX512 __mmask16 columns16(int64_t first, int64_t lo, int64_t hi) {
-    int64_t a = lo - first, b = hi - first;
-    a = a < 0 ? 0 : (a > 16 ? 16 : a);
-    b = b < a ? a : (b > 16 ? 16 : b);
-    return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
-}
-
-static inline __mmask8 lanes8(int64_t count) {
-    return (__mmask8)(count >= 8 ? 0xff : (count <= 0 ? 0 : (1u << count) - 1));
-}
-
 /* The six image rows of a tile row at staged columns j0 .. j0 + 16 * loads (masked: zeros
  * outside the image, so padding needs no copy), B^T down the columns: t[s][i], point row i. */
 typedef float v16 __attribute__((vector_size(64)));
@@ -108,7 +97,7 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline FASTCONV_AVX512 void input_rows4(const float *const d[6], int64_t j0, int64_t lo,
                                                int64_t hi, int loads, v16 t[3][6]) {
     for (int s = 0; s < loads; s++) {
-        const __mmask16 mask = columns16(j0 + 16 * s, lo, hi);
+        const __mmask16 mask = columns_mask(j0 + 16 * s, lo, hi);
         v16 rows[6];
         for (int i = 0; i < 6; i++)
             rows[i] = d[i] ? (v16)_mm512_maskz_loadu_ps(mask, d[i] + j0 + 16 * s)
@@ -177,7 +166,7 @@ static FASTCONV_AVX512 void input_transform4(const float *x, const WinogradGeome
                     if (++tile_row == g->tiles_h) tile_row = 0, image++;
                     input_rows4(d, 0, lo, hi, 2, u);
                 }
-                const __mmask8 keep = lanes8(tw);
+                const __mmask8 keep = first_lanes8(tw);
                 const __mmask8 keep_next = has_next ? (__mmask8)(keep << 4) : 0;
                 for (int i = 0; i < 6; i++) {
                     v8 col[6];
@@ -203,7 +192,7 @@ static FASTCONV_AVX512 void input_transform4(const float *x, const WinogradGeome
                             r = _mm512_mask_permutexvar_ps(r, 0x80, pick[j], (__m512)t[2][i]);
                         col[j] = (v8)_mm512_castps512_ps256(r);
                     }
-                    store_points4(col, out + q0, point_stride, i, lanes8(tw - q0), 0, 0);
+                    store_points4(col, out + q0, point_stride, i, first_lanes8(tw - q0), 0, 0);
                 }
             }
         }
@@ -263,13 +252,13 @@ static FASTCONV_AVX512 void output_transform4(const float *m, int64_t ld, int64_
                 if (++tile_row == g->tiles_h) tile_row = 0, image++;
             }
             for (int64_t q0 = 0; q0 < tw; q0 += 8) {
-                const __mmask8 live = lanes8(tw - q0);
+                const __mmask8 live = first_lanes8(tw - q0);
                 const __mmask8 live_next = next_plane ? (__mmask8)(live << 4) : 0;
                 v8 s[4][6];
                 output_rows4(q + lr * tw + q0, ps, live, live_next, tw - 4, s);
                 const int64_t columns = g->out_w - 4 * q0;
-                const __mmask16 left = columns16(0, 0, columns);
-                const __mmask16 right = paired ? left : columns16(16, 0, columns);
+                const __mmask16 left = columns_mask(0, 0, columns);
+                const __mmask16 right = paired ? left : columns_mask(16, 0, columns);
 #pragma GCC unroll 4
                 for (int r = 0; r < 4; r++) {
                     v8 o[4];
