@@ -98,3 +98,10 @@ def test_bench_command_writes_its_rows(tmp_path):
     assert [r["operation"] for r in data["rows"]] == ["unfold"]
     assert data["rows"][0]["fastconv_ms"] > 0
     assert "unfold" in result.stdout and "sgemm ceiling" in result.stdout
+
+
+def test_lenet_rows_name_the_fused_f2_path_not_f4():
+    # conv2 (32->64 at 14x14) is fused with its pooling, which runs F(2x2) whatever the shape
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    names = bench._model_algorithms(bench.fastconv_lenet(), x).split("+")
+    assert names[0] == "direct" and names[1] in ("winograd", "direct")
